@@ -1,0 +1,58 @@
+"""Typed settings shared by the CLI, the flows and the service.
+
+Values come from (highest first) explicit arguments/flags, ``NOISESCORE_*`` environment
+variables, then the defaults below (the LiNC paper's, where the paper gives one).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from noisescore.ml.models import DEFAULT_MODEL
+from noisescore.ml.noise import parse_noise_spec
+
+
+class CleanSettings(BaseSettings):
+    """One cleaning job: data, optional noise injection, LiNC and the final training."""
+
+    model_config = SettingsConfigDict(env_prefix="NOISESCORE_", extra="forbid")
+
+    dataset: str = Field("breastmnist", description="MedMNIST name or path to .npz / .csv")
+    data_dir: Path | None = Field(None, description="where dataset names are looked up")
+    image_size: int | None = Field(None, ge=8, le=1024, description="resize images to this")
+    noise: str | None = Field(None, description="KIND:RATE to inject, e.g. uniform:0.5")
+    noise_val: bool = Field(False, description="also inject noise into the val split")
+    seed: int = Field(0, ge=0)
+    epochs: int = Field(100, ge=1, le=10_000)
+    warmup_epochs: int = Field(10, ge=1)
+    model: str = Field(DEFAULT_MODEL, description="timm model name")
+    checkpoint: Path | None = Field(None, description="local pretrained weights")
+    batch_size: int = Field(128, ge=2, le=65_536)
+    lr: float = Field(1e-4, gt=0, le=10)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_milestones: tuple[int, ...] | None = None
+    augment: bool = Field(False, description="random horizontal flips")
+    alpha_lr: float = Field(1.0, gt=0)
+    alpha_wd: float = Field(1e-3, ge=0)
+    alpha_grad: Literal["mean", "sample"] = "mean"
+    baseline: bool = Field(False, description="also train plain cross-entropy, same seed")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("noise")
+    @classmethod
+    def _valid_noise(cls, value: str | None) -> str | None:
+        if value is None or value.strip().lower() in ("", "none"):
+            return None
+        return str(parse_noise_spec(value))
+
+    @model_validator(mode="after")
+    def _warmup_within_epochs(self) -> CleanSettings:
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(
+                f"warmup_epochs ({self.warmup_epochs}) must not exceed epochs ({self.epochs})"
+            )
+        return self
