@@ -27,7 +27,7 @@ from noisescore.ml.metrics import (
 )
 from noisescore.ml.models import create_model
 from noisescore.ml.noise import NoiseResult, inject_noise
-from noisescore.ml.train import DeviceImages, EpochStats, Hook, Trainer, TrainConfig, resolve_device
+from noisescore.ml.train import DeviceImages, EpochStats, Hook, TrainConfig, Trainer, resolve_device
 
 if TYPE_CHECKING:
     from noisescore.settings import CleanSettings
@@ -77,7 +77,9 @@ class CleanResult:
 def prepare_data(settings: CleanSettings) -> PreparedData:
     """Load the dataset and inject the requested noise into train (and optionally val)."""
     dataset = load_dataset(
-        settings.dataset, data_dir=settings.data_dir, seed=settings.seed,
+        settings.dataset,
+        data_dir=settings.data_dir,
+        seed=settings.seed,
         image_size=settings.image_size,
     )
     train = dataset.train
@@ -86,7 +88,10 @@ def prepare_data(settings: CleanSettings) -> PreparedData:
     val_labels = dataset.val.labels if dataset.val is not None else None
     if settings.noise is not None:
         noise = inject_noise(
-            train.labels, settings.noise, n_classes=dataset.n_classes, seed=settings.seed,
+            train.labels,
+            settings.noise,
+            n_classes=dataset.n_classes,
+            seed=settings.seed,
             images=train.images,
         )
         train_labels = noise.noisy_labels
@@ -94,8 +99,11 @@ def prepare_data(settings: CleanSettings) -> PreparedData:
             train_true = train.labels
         if settings.noise_val and dataset.val is not None:
             val_noise = inject_noise(
-                dataset.val.labels, settings.noise, n_classes=dataset.n_classes,
-                seed=settings.seed + 1, images=dataset.val.images,
+                dataset.val.labels,
+                settings.noise,
+                n_classes=dataset.n_classes,
+                seed=settings.seed + 1,
+                images=dataset.val.images,
             )
             val_labels = val_noise.noisy_labels
     return PreparedData(dataset, train_labels, train_true, noise, val_labels, val_noise)
@@ -103,9 +111,13 @@ def prepare_data(settings: CleanSettings) -> PreparedData:
 
 def train_config(settings: CleanSettings) -> TrainConfig:
     return TrainConfig(
-        epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
-        weight_decay=settings.weight_decay, lr_milestones=settings.lr_milestones,
-        seed=settings.seed, augment=settings.augment,
+        epochs=settings.epochs,
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        weight_decay=settings.weight_decay,
+        lr_milestones=settings.lr_milestones,
+        seed=settings.seed,
+        augment=settings.augment,
     )
 
 
@@ -126,21 +138,31 @@ def train(
     dataset = data.dataset
     torch.manual_seed(settings.seed)
     model = create_model(
-        settings.model, num_classes=dataset.n_classes, in_chans=dataset.in_chans,
-        img_size=dataset.image_size[0], checkpoint=settings.checkpoint,
+        settings.model,
+        num_classes=dataset.n_classes,
+        in_chans=dataset.in_chans,
+        img_size=dataset.image_size[0],
+        checkpoint=settings.checkpoint,
     )
     images = DeviceImages(dataset.train.images, device)
     hook = (
         LiNC(
-            dataset.n_classes, warmup_epochs=settings.warmup_epochs, alpha_lr=settings.alpha_lr,
-            alpha_wd=settings.alpha_wd, alpha_grad=settings.alpha_grad,
+            dataset.n_classes,
+            warmup_epochs=settings.warmup_epochs,
+            alpha_lr=settings.alpha_lr,
+            alpha_wd=settings.alpha_wd,
+            alpha_grad=settings.alpha_grad,
         )
         if linc
         else None
     )
     trainer = Trainer(
-        model, images, data.train_labels, config=train_config(settings),
-        hooks=[*([hook] if hook else []), *extra_hooks], progress=progress,
+        model,
+        images,
+        data.train_labels,
+        config=train_config(settings),
+        hooks=[*([hook] if hook else []), *extra_hooks],
+        progress=progress,
         desc="LiNC" if linc else "baseline CE",
     )
     start = time.perf_counter()
@@ -183,7 +205,7 @@ def _timing(run: TrainedRun, warmup_epochs: int | None = None) -> dict[str, floa
 def build_report(
     settings: CleanSettings, data: PreparedData, run: TrainedRun, baseline: TrainedRun | None
 ) -> dict[str, Any]:
-    """The JSON report of a cleaning job (keys documented in docs/REPORT.md)."""
+    """The JSON report of a cleaning job (keys documented in docs/USAGE.md)."""
     dataset, hook = data.dataset, run.linc
     assert hook is not None
     linc: dict[str, Any] = {

@@ -16,9 +16,7 @@ from sklearn.metrics import (
 )
 
 
-def classification_metrics(
-    labels: np.ndarray, proba: np.ndarray
-) -> dict[str, float | None]:
+def classification_metrics(labels: np.ndarray, proba: np.ndarray) -> dict[str, float | None]:
     """Accuracy, macro-F1, balanced accuracy and one-vs-rest AUROC.
 
     Parameters
@@ -42,8 +40,9 @@ def classification_metrics(
         # Renormalise over the classes present so sklearn's OvR accepts a subset.
         sub = proba[:, present] / proba[:, present].sum(axis=1, keepdims=True)
         auroc = float(
-            roc_auc_score(labels, sub if len(present) > 2 else sub[:, 1],
-                          multi_class="ovr", labels=present)
+            roc_auc_score(
+                labels, sub if len(present) > 2 else sub[:, 1], multi_class="ovr", labels=present
+            )
             if len(present) > 2
             else roc_auc_score(labels == present[1], sub[:, 1])
         )

@@ -17,9 +17,11 @@ classifier of the wrong size. Nothing is downloaded at run time.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import os
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -128,10 +130,10 @@ def create_model(
         The model, in training mode, on the CPU.
     """
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        close = difflib.get_close_matches(name, timm.list_models(), n=6, cutoff=0.6)
         hint = f" Close names: {', '.join(close)}." if close else ""
         raise ModelError(f"unknown model {name!r}: not in timm's registry.{hint}")
-    kwargs: dict[str, object] = {"num_classes": num_classes, "in_chans": in_chans}
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans}
     is_vit = name.startswith("vit_")
     if is_vit or _accepts(name, "img_size"):
         kwargs["img_size"] = img_size

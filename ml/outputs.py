@@ -33,7 +33,7 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     """Call ``write(fileobj)`` on a temporary file next to ``path``, then rename it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -65,8 +65,12 @@ def trust_csv(result: CleanResult) -> bytes:
     ids = result.data.dataset.train.sample_ids
     for i in range(len(hook.trust_)):
         row = [
-            i, ids[i], int(hook.observed_labels_[i]), f"{hook.trust_[i]:.6f}",
-            int(hook.flagged_[i]), int(hook.corrected_labels_[i]),
+            i,
+            ids[i],
+            int(hook.observed_labels_[i]),
+            f"{hook.trust_[i]:.6f}",
+            int(hook.flagged_[i]),
+            int(hook.corrected_labels_[i]),
         ]
         writer.writerow([*row, int(truth[i])] if truth is not None else row)
     return buffer.getvalue().encode()

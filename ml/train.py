@@ -264,7 +264,8 @@ class Trainer:
             stats.extra = extra
             self.history.append(stats)
             bar.set_postfix(
-                loss=f"{stats.loss:.3f}", acc=f"{stats.train_accuracy:.3f}",
+                loss=f"{stats.loss:.3f}",
+                acc=f"{stats.train_accuracy:.3f}",
                 **{k: f"{v:.3f}" for k, v in extra.items()},
             )
         return self.history

@@ -25,11 +25,16 @@ def _add_clean(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         argument_default=argparse.SUPPRESS,
     )
     p.add_argument("--dataset", help="MedMNIST name (breastmnist) or path to .npz / .csv")
-    p.add_argument("--data-dir", help="where names are looked up "
-                   "(default: $NOISESCORE_DATA_DIR, ../shared/data, ./data)")
+    p.add_argument(
+        "--data-dir",
+        help="where names are looked up (default: $NOISESCORE_DATA_DIR, ../shared/data, ./data)",
+    )
     p.add_argument("--image-size", type=int, help="resize images to this square size")
-    p.add_argument("--noise", help="inject noise KIND:RATE for evaluation: symmetric, uniform, "
-                   "pairflip, instance (e.g. uniform:0.5), or asymmetric:FILE")
+    p.add_argument(
+        "--noise",
+        help="inject noise KIND:RATE for evaluation: symmetric, uniform, "
+        "pairflip, instance (e.g. uniform:0.5), or asymmetric:FILE",
+    )
     p.add_argument("--noise-val", action="store_true", help="inject noise into val too")
     p.add_argument("--seed", type=int)
     p.add_argument("--epochs", type=int, help="total epochs (default 100)")
@@ -39,15 +44,22 @@ def _add_clean(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-4)")
     p.add_argument("--weight-decay", type=float)
-    p.add_argument("--lr-milestones", type=lambda s: tuple(int(x) for x in s.split(",")),
-                   help="comma-separated epochs where the LR drops x0.1 (default E/2,3E/4)")
+    p.add_argument(
+        "--lr-milestones",
+        type=lambda s: tuple(int(x) for x in s.split(",")),
+        help="comma-separated epochs where the LR drops x0.1 (default E/2,3E/4)",
+    )
     p.add_argument("--augment", action="store_true", help="random horizontal flips")
     p.add_argument("--alpha-lr", type=float, help="LiNC trust learning rate (default 1)")
     p.add_argument("--alpha-wd", type=float, help="LiNC trust weight decay (default 1e-3)")
-    p.add_argument("--alpha-grad", choices=["mean", "sample"],
-                   help="trust gradient of the batch-mean loss (default) or per-sample loss")
-    p.add_argument("--baseline", action="store_true",
-                   help="also train plain cross-entropy with the same seed")
+    p.add_argument(
+        "--alpha-grad",
+        choices=["mean", "sample"],
+        help="trust gradient of the batch-mean loss (default) or per-sample loss",
+    )
+    p.add_argument(
+        "--baseline", action="store_true", help="also train plain cross-entropy with the same seed"
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", required=True, default=argparse.SUPPRESS, help="output directory")
     p.add_argument("--quiet", action="store_true", default=False, help="no progress bar")
@@ -138,8 +150,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("noisescore: interrupted; no report.json was written", file=sys.stderr)
         return 130
     return EXIT_USAGE
-
-
 
 
 if __name__ == "__main__":

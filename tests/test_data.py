@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from noisescore.ml.data import (
     MEDMNIST_N_CLASSES,
     DataError,
@@ -18,7 +20,6 @@ from noisescore.ml.data import (
     load_npz,
     resolve_data_dir,
 )
-from PIL import Image
 
 # --------------------------------------------------------------------------- helpers
 

@@ -7,11 +7,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from noisescore.ml.linc import LiNC, alpha_gradient, linc_targets
-from noisescore.ml.train import DeviceImages, Trainer, TrainConfig
+from noisescore.ml.train import DeviceImages, TrainConfig, Trainer
 
 
-def autograd_alpha_grad(logits: torch.Tensor, labels: torch.Tensor, alpha: torch.Tensor,
-                        reduction: str) -> torch.Tensor:
+def autograd_alpha_grad(
+    logits: torch.Tensor, labels: torch.Tensor, alpha: torch.Tensor, reduction: str
+) -> torch.Tensor:
     alpha = alpha.clone().requires_grad_(True)
     onehot = F.one_hot(labels, logits.shape[1]).float()
     log_probs = F.log_softmax(logits, dim=1)
@@ -29,7 +30,8 @@ def test_manual_alpha_gradient_equals_autograd(reduction: str, n_classes: int) -
     labels = torch.randint(0, n_classes, (64,), generator=gen)
     alpha = torch.rand(64, generator=gen, dtype=torch.float64)
     manual = alpha_gradient(
-        F.log_softmax(logits, dim=1), F.one_hot(labels, n_classes).double(),
+        F.log_softmax(logits, dim=1),
+        F.one_hot(labels, n_classes).double(),
         reduction=reduction,  # type: ignore[arg-type]
     )
     torch.testing.assert_close(manual, autograd_alpha_grad(logits, labels, alpha, reduction))
@@ -69,8 +71,11 @@ def test_linc_hook_results(alpha_grad: str) -> None:
     torch.manual_seed(0)
     hook = LiNC(2, warmup_epochs=5, alpha_grad=alpha_grad)  # type: ignore[arg-type]
     trainer = Trainer(
-        Memo(16, 2), DeviceImages(images, torch.device("cpu")), noisy,
-        config=TrainConfig(epochs=7, lr=1e-2, batch_size=32), hooks=[hook],
+        Memo(16, 2),
+        DeviceImages(images, torch.device("cpu")),
+        noisy,
+        config=TrainConfig(epochs=7, lr=1e-2, batch_size=32),
+        hooks=[hook],
     )
     history = trainer.fit()
     assert len(history) == 7
@@ -98,8 +103,11 @@ def test_predicted_labels_are_the_models_argmax() -> None:
     images, _, noisy, _ = toy_problem(n=100)
     hook = LiNC(2, warmup_epochs=2)
     trainer = Trainer(
-        Memo(16, 2), DeviceImages(images, torch.device("cpu")), noisy,
-        config=TrainConfig(epochs=2, lr=1e-2, batch_size=32), hooks=[hook],
+        Memo(16, 2),
+        DeviceImages(images, torch.device("cpu")),
+        noisy,
+        config=TrainConfig(epochs=2, lr=1e-2, batch_size=32),
+        hooks=[hook],
     )
     trainer.fit()
     expected = trainer.predict_logits(trainer.images).argmax(1).numpy()
@@ -110,8 +118,11 @@ def test_alpha_is_clipped_to_unit_interval() -> None:
     images, _, noisy, _ = toy_problem(n=64)
     hook = LiNC(2, warmup_epochs=3, alpha_lr=100.0, alpha_grad="sample")
     trainer = Trainer(
-        Memo(16, 2), DeviceImages(images, torch.device("cpu")), noisy,
-        config=TrainConfig(epochs=3, lr=1e-2, batch_size=16), hooks=[hook],
+        Memo(16, 2),
+        DeviceImages(images, torch.device("cpu")),
+        noisy,
+        config=TrainConfig(epochs=3, lr=1e-2, batch_size=16),
+        hooks=[hook],
     )
     trainer.fit()
     assert hook.trust_by_epoch_.min() >= 0.0 and hook.trust_by_epoch_.max() <= 1.0
@@ -121,8 +132,11 @@ def test_alpha_is_clipped_to_unit_interval() -> None:
 def test_warmup_longer_than_training_is_rejected() -> None:
     images, _, noisy, _ = toy_problem(n=32)
     trainer = Trainer(
-        Memo(16, 2), DeviceImages(images, torch.device("cpu")), noisy,
-        config=TrainConfig(epochs=2), hooks=[LiNC(2, warmup_epochs=3)],
+        Memo(16, 2),
+        DeviceImages(images, torch.device("cpu")),
+        noisy,
+        config=TrainConfig(epochs=2),
+        hooks=[LiNC(2, warmup_epochs=3)],
     )
     with pytest.raises(ValueError, match="warmup_epochs"):
         trainer.fit()

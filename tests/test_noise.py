@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import stats
+
 from noisescore.ml.noise import (
     NOISE_KINDS,
     NoiseResult,
@@ -18,7 +20,6 @@ from noisescore.ml.noise import (
     parse_noise_spec,
     register_noise,
 )
-from scipy import stats
 
 N = 20_000
 TOL = 0.02
