@@ -38,7 +38,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -53,6 +52,7 @@ from noisescore.ml.data import load_dataset
 from noisescore.ml.linc import LiNC
 from noisescore.ml.models import DEFAULT_MODEL, create_model
 from noisescore.ml.noise import inject_noise
+from noisescore.ml.outputs import atomic_write, atomic_write_bytes
 from noisescore.ml.train import DeviceImages, TrainConfig, Trainer, resolve_device
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -216,19 +216,8 @@ def environment(args: argparse.Namespace, device: torch.device, n: int, cmd: str
 # --------------------------------------------------------------------------- outputs
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def summarise(raw: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -361,11 +350,8 @@ def render_plot(result: dict[str, Any], path: Path) -> None:
     )
     fig.tight_layout()
 
-    def save(tmp: Path) -> None:
-        fig.savefig(tmp, format="png", dpi=120)
-
     try:
-        _atomic_write(path, save)
+        atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=120))
     finally:
         plt.close(fig)
 
