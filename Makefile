@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # The embedded default job: BreastMNIST from the data dir, 50% uniform noise injected
 # into train so that detection can be measured, LiNC + a plain cross-entropy baseline.
 RUN_ARGS ?= --dataset breastmnist --noise uniform:0.5 --epochs 30 --warmup-epochs 10 \
-            --lr 1e-3 --seed 0 --baseline --out runs/breastmnist-uniform0.5
+            --seed 0 --baseline --out runs/breastmnist-uniform0.5
 
 .PHONY: venv run test lint bench results clean
 
