@@ -91,11 +91,17 @@ def model_checkpoint(result: CleanResult) -> dict[str, Any]:
     }
 
 
-def write_outputs(result: CleanResult, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """Write ``trust.csv``, ``trust_by_epoch.npy``, ``model.pt`` and, last, ``report.json``."""
+def check_out_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """``out_dir`` as a Path; an existing non-directory there is an error."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {str(out)!r} exists and is not a directory")
+    return out
+
+
+def write_outputs(result: CleanResult, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """Write ``trust.csv``, ``trust_by_epoch.npy``, ``model.pt`` and, last, ``report.json``."""
+    out = check_out_dir(out_dir)
     hook = result.linc.linc
     assert hook is not None
     paths = {name: out / name for name in (TRUST_CSV, TRUST_BY_EPOCH, MODEL, REPORT)}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -105,15 +104,12 @@ def _summary(report: dict[str, Any], out: str) -> str:
 
 def _clean(args: argparse.Namespace) -> int:
     from noisescore.ml.clean import run_clean
-    from noisescore.ml.outputs import write_outputs
+    from noisescore.ml.outputs import check_out_dir, write_outputs
     from noisescore.settings import CleanSettings
 
     fields = {k: v for k, v in vars(args).items() if k not in ("command", "out", "quiet")}
     settings = CleanSettings(**fields)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        # Fail before training, not after it (write_outputs would only notice at the end).
-        raise NotADirectoryError(f"--out {str(out)!r} exists and is not a directory")
+    check_out_dir(args.out)  # fail before training, not after it
     result = run_clean(settings, progress=not args.quiet)
     write_outputs(result, args.out)
     print(_summary(result.report, args.out))
@@ -133,18 +129,12 @@ def _format_validation(err: ValidationError) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from noisescore.ml.data import DataError
-    from noisescore.ml.models import ModelError
-    from noisescore.ml.noise import NoiseSpecError
-
     try:
         if args.command == "clean":
             return _clean(args)
     except ValidationError as err:
         print(f"noisescore: error: {_format_validation(err)}", file=sys.stderr)
-    except (DataError, NoiseSpecError, ModelError, NotADirectoryError) as err:
-        print(f"noisescore: error: {err}", file=sys.stderr)
-    except ValueError as err:
+    except (ValueError, NotADirectoryError) as err:  # DataError, NoiseSpecError, ModelError...
         print(f"noisescore: error: {err}", file=sys.stderr)
     except KeyboardInterrupt:
         print("noisescore: interrupted; no report.json was written", file=sys.stderr)
