@@ -530,6 +530,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "docs" / "results"))
     parser.add_argument("--results-md", default=str(ROOT / "docs" / "RESULTS.md"))
     parser.add_argument("--only", choices=["detection", "accuracy", "reference"], default=None)
+    parser.add_argument(
+        "--render-only", action="store_true", help="rewrite RESULTS.md from the cache, run nothing"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -549,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
             if cl_key(noise, seed) not in cl_cache
         ]
     )
+    if args.render_only:
+        todo, cl_todo = [], []
     try:
         import cleanlab  # noqa: F401
     except ImportError:
@@ -558,9 +563,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(runs)} runs planned, {len(todo)} to do; {len(cl_todo)} CL references to do",
         flush=True,
     )
-    command = "python bench/paper_results.py " + " ".join(
-        argv if argv is not None else sys.argv[1:]
-    )
+    shown = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--render-only"]
+    command = " ".join(["python bench/paper_results.py", *shown])
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         cl_futures = [pool.submit(confident_learning, n, s, args.data_dir) for n, s in cl_todo]
         futures = {pool.submit(execute, r, args.data_dir): r for r in todo}
