@@ -39,13 +39,10 @@ def classification_metrics(labels: np.ndarray, proba: np.ndarray) -> dict[str, f
     else:
         # Renormalise over the classes present so sklearn's OvR accepts a subset.
         sub = proba[:, present] / proba[:, present].sum(axis=1, keepdims=True)
-        auroc = float(
-            roc_auc_score(
-                labels, sub if len(present) > 2 else sub[:, 1], multi_class="ovr", labels=present
-            )
-            if len(present) > 2
-            else roc_auc_score(labels == present[1], sub[:, 1])
-        )
+        if len(present) > 2:
+            auroc = float(roc_auc_score(labels, sub, multi_class="ovr", labels=present))
+        else:
+            auroc = float(roc_auc_score(labels == present[1], sub[:, 1]))
     return {
         "accuracy": float((pred == labels).mean()),
         "macro_f1": float(f1_score(labels, pred, average="macro", zero_division=0)),
@@ -76,14 +73,15 @@ def detection_metrics(
     """
     flipped = np.asarray(flipped, dtype=bool)
     flagged = np.asarray(flagged, dtype=bool)
-    suspicion = -np.asarray(trust, dtype=np.float64)
-    both = 0 < flipped.sum() < len(flipped)
+    auroc = detection_auroc(trust, flipped)
     precision, recall, f1, _ = precision_recall_fscore_support(
         flipped, flagged, average="binary", zero_division=0
     )
     return {
-        "auroc": float(roc_auc_score(flipped, suspicion)) if both else None,
-        "average_precision": float(average_precision_score(flipped, suspicion)) if both else None,
+        "auroc": auroc,
+        "average_precision": None
+        if auroc is None
+        else float(average_precision_score(flipped, -np.asarray(trust, dtype=np.float64))),
         "precision": float(precision),
         "recall": float(recall),
         "f1": float(f1),

@@ -12,7 +12,6 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -285,7 +284,3 @@ class Trainer:
     def predict_proba(self, images: DeviceImages) -> np.ndarray:
         """Class probabilities, shape (N, C), float64 numpy."""
         return torch.softmax(self.predict_logits(images), dim=1).double().cpu().numpy()
-
-
-def history_table(history: Sequence[EpochStats]) -> list[dict[str, Any]]:
-    return [h.as_dict() for h in history]
