@@ -48,11 +48,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from noisescore.atomic import atomic_write, atomic_write_bytes
 from noisescore.ml.data import load_dataset
 from noisescore.ml.linc import LiNC
 from noisescore.ml.models import DEFAULT_MODEL, create_model
 from noisescore.ml.noise import inject_noise
-from noisescore.ml.outputs import atomic_write, atomic_write_bytes
 from noisescore.ml.train import DeviceImages, TrainConfig, Trainer, resolve_device
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

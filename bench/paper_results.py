@@ -474,7 +474,7 @@ def git_commit() -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    from noisescore.ml.outputs import atomic_write_bytes
+    from noisescore.atomic import atomic_write_bytes
 
     atomic_write_bytes(path, text.encode())
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from noisescore.ml.models import DEFAULT_MODEL
@@ -56,3 +56,23 @@ class CleanSettings(BaseSettings):
                 f"warmup_epochs ({self.warmup_epochs}) must not exceed epochs ({self.epochs})"
             )
         return self
+
+
+class StoreSettings(BaseSettings):
+    """Where job artifacts live: MinIO/S3 when an endpoint is set, else a local directory.
+
+    Read from ``NOISESCORE_S3_*`` and ``NOISESCORE_STORE_DIR``; credentials are secrets and
+    never appear in logs, reports or flow parameters.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="NOISESCORE_", extra="ignore")
+
+    s3_endpoint: str | None = Field(
+        None, description="host:port or http(s)://host:port of MinIO/S3; unset = local store"
+    )
+    s3_bucket: str = Field("noisescore", min_length=3, max_length=63)
+    s3_access_key: SecretStr | None = None
+    s3_secret_key: SecretStr | None = None
+    s3_secure: bool = Field(False, description="TLS to the endpoint (https)")
+    s3_region: str = "us-east-1"
+    store_dir: Path = Field(Path("artifacts"), description="local store root (no endpoint)")
