@@ -6,8 +6,10 @@ STAMP  := $(VENV)/.installed
 
 # The embedded default job: BreastMNIST from the data dir, 50% uniform noise injected
 # into train so that detection can be measured, LiNC + a plain cross-entropy baseline.
-RUN_ARGS ?= --dataset breastmnist --noise uniform:0.5 --epochs 30 --warmup-epochs 10 \
-            --seed 0 --baseline --out runs/breastmnist-uniform0.5
+# It runs the Prefect flow clean-labels in-process (a temporary local Prefect server) and
+# stores the artifacts under ./artifacts/jobs/<job-id>/ (the embedded default store).
+RUN_ARGS ?= --dataset medmnist://breastmnist --noise uniform:0.5 --epochs 30 \
+            --warmup-epochs 10 --seed 0 --baseline
 
 .PHONY: venv run test lint bench results clean
 
@@ -38,4 +40,4 @@ results: $(STAMP)
 	$(BIN)/python bench/paper_results.py --jobs 2
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) runs artifacts .pytest_cache .ruff_cache .mypy_cache

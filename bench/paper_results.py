@@ -115,8 +115,8 @@ def execute(run: Run, data_dir: str) -> dict[str, Any]:
     report = result.report
     for section in (report["linc"], report.get("baseline") or {}):
         section.pop("history", None)
-    hook = result.linc.linc
-    assert hook is not None
+    found = result.linc.linc
+    assert found is not None
     out: dict[str, Any] = {
         "key": run.key,
         "run": asdict(run),
@@ -126,7 +126,7 @@ def execute(run: Run, data_dir: str) -> dict[str, Any]:
     if run.part == "detection" and run.seed == 0:
         flipped = result.data.flipped
         assert flipped is not None
-        out["trust_last"] = hook.trust_.round(5).tolist()
+        out["trust_last"] = found.trust.round(5).tolist()
         out["flipped"] = flipped.astype(int).tolist()
     return out
 

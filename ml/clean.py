@@ -1,11 +1,17 @@
-"""The cleaning job as small stages: data -> noise -> LiNC -> evaluate -> outputs.
+"""The cleaning job as small stages, each a plain function of arrays and settings.
 
-``noisescore clean`` calls :func:`run_clean`; each stage is a plain function so that the
-orchestration layer can run them as separate tasks. Nothing here knows about the CLI.
+    load_data -> add_noise -> linc_warmup -> otsu_correct -> train_final -> build_report
+
+The Prefect flow ``clean_labels`` (``flows/clean_labels.py``, what ``noisescore clean``
+runs) calls these stages as tasks and stores what each produces; :func:`run_clean` chains
+them in memory for benchmarks. Nothing here knows about the CLI, Prefect or storage.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import statistics
 import time
 from collections.abc import Sequence
@@ -17,8 +23,8 @@ import torch
 from torch import nn
 
 from noisescore import __version__
-from noisescore.ml.data import Dataset, Split, load_dataset
-from noisescore.ml.linc import LiNC
+from noisescore.ml.data import Dataset, Split
+from noisescore.ml.linc import Correction, LiNC, otsu_correct
 from noisescore.ml.metrics import (
     classification_metrics,
     correction_metrics,
@@ -54,14 +60,124 @@ class PreparedData:
 
 
 @dataclass
+class Warmup:
+    """LiNC's warm-up (epochs ``1..w``): trust per sample and the state to resume from.
+
+    Attributes
+    ----------
+    trust_by_epoch : np.ndarray, shape (w, N), float32
+        alpha at the end of each warm-up epoch; the last row is the trust score.
+    predicted_labels : np.ndarray, shape (N,), int64
+        The model's argmax on the training set at the end of warm-up.
+    observed_labels : np.ndarray, shape (N,), int64
+        The labels training saw (after any injected noise).
+    trainer_state : dict
+        :meth:`Trainer.state_dict` after epoch ``w`` (weights, optimizer, schedule, RNG).
+    mean, std : list of float
+        Per-channel normalisation of the training images.
+    seconds : float
+        Wall time of the warm-up.
+    """
+
+    trust_by_epoch: np.ndarray
+    predicted_labels: np.ndarray
+    observed_labels: np.ndarray
+    trainer_state: dict[str, Any] = field(repr=False)
+    mean: list[float]
+    std: list[float]
+    seconds: float
+
+    @property
+    def trust(self) -> np.ndarray:
+        return self.trust_by_epoch[-1]
+
+    @property
+    def history(self) -> list[EpochStats]:
+        return [EpochStats.from_dict(h) for h in self.trainer_state["history"]]
+
+    def to_bytes(self, *, fingerprint: str) -> bytes:
+        """Serialise as a checkpoint; ``fingerprint`` ties it to the settings that made it."""
+        buffer = io.BytesIO()
+        torch.save({"format": WARMUP_FORMAT, "fingerprint": fingerprint, **vars(self)}, buffer)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, fingerprint: str) -> Warmup:
+        """Load a checkpoint; ValueError when it was made by different settings."""
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or state.get("format") != WARMUP_FORMAT:
+            raise ValueError("not a noisescore warm-up checkpoint")
+        if state.get("fingerprint") != fingerprint:
+            raise ValueError("the warm-up checkpoint was made with different settings")
+        del state["format"], state["fingerprint"]
+        return cls(**state)
+
+
+WARMUP_FORMAT = "noisescore.warmup.v1"
+
+# Settings that change what the warm-up computes; anything else (device, baseline, the
+# final epochs' count only through the LR schedule) may differ between a run and its retry.
+_WARMUP_FIELDS = (
+    "dataset", "image_size", "noise", "noise_val", "seed", "epochs", "warmup_epochs", "model",
+    "checkpoint", "batch_size", "lr", "weight_decay", "lr_milestones", "augment", "alpha_lr",
+    "alpha_wd", "alpha_grad",
+)  # fmt: skip
+
+
+def warmup_fingerprint(settings: CleanSettings, data: PreparedData) -> str:
+    """sha256 of what determines the warm-up: its settings and the exact training labels."""
+    fields = settings.model_dump(mode="json", include=set(_WARMUP_FIELDS))
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
+    digest.update(np.ascontiguousarray(data.train_labels, dtype=np.int64).tobytes())
+    digest.update(str(data.dataset.train.images.shape).encode())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class LincResult:
+    """What LiNC found: the warm-up's trust and the Otsu correction built on it."""
+
+    warmup: Warmup
+    correction: Correction
+
+    @property
+    def trust(self) -> np.ndarray:
+        return self.warmup.trust
+
+    @property
+    def trust_by_epoch(self) -> np.ndarray:
+        return self.warmup.trust_by_epoch
+
+    @property
+    def observed_labels(self) -> np.ndarray:
+        return self.warmup.observed_labels
+
+    @property
+    def predicted_labels(self) -> np.ndarray:
+        return self.warmup.predicted_labels
+
+    @property
+    def otsu_threshold(self) -> float:
+        return self.correction.otsu_threshold
+
+    @property
+    def flagged(self) -> np.ndarray:
+        return self.correction.flagged
+
+    @property
+    def corrected_labels(self) -> np.ndarray:
+        return self.correction.corrected_labels
+
+
+@dataclass
 class TrainedRun:
-    """A finished training: the model, its per-epoch history and (for LiNC) the hook."""
+    """A finished training: the model, its per-epoch history and (for LiNC) what it found."""
 
     model: nn.Module
     images: DeviceImages
     history: list[EpochStats]
     train_seconds: float
-    linc: LiNC | None = None
+    linc: LincResult | None = None
     trainer: Trainer | None = field(default=None, repr=False)
 
 
@@ -74,14 +190,20 @@ class CleanResult:
     report: dict[str, Any]
 
 
-def prepare_data(settings: CleanSettings) -> PreparedData:
-    """Load the dataset and inject the requested noise into train (and optionally val)."""
-    dataset = load_dataset(
+def load_data(settings: CleanSettings) -> Dataset:
+    """Load ``settings.dataset``: a name, a path, or a ``medmnist://``/``file://``/``s3://`` URI."""
+    from noisescore.uris import load_dataset_uri
+
+    return load_dataset_uri(
         settings.dataset,
         data_dir=settings.data_dir,
         seed=settings.seed,
         image_size=settings.image_size,
     )
+
+
+def add_noise(dataset: Dataset, settings: CleanSettings) -> PreparedData:
+    """Inject ``settings.noise`` into train (and val with ``noise_val``), keeping the truth."""
     train = dataset.train
     noise = val_noise = None
     train_labels, train_true = train.labels, train.true_labels
@@ -109,6 +231,11 @@ def prepare_data(settings: CleanSettings) -> PreparedData:
     return PreparedData(dataset, train_labels, train_true, noise, val_labels, val_noise)
 
 
+def prepare_data(settings: CleanSettings) -> PreparedData:
+    """:func:`load_data` then :func:`add_noise`."""
+    return add_noise(load_data(settings), settings)
+
+
 def train_config(settings: CleanSettings) -> TrainConfig:
     return TrainConfig(
         epochs=settings.epochs,
@@ -121,19 +248,19 @@ def train_config(settings: CleanSettings) -> TrainConfig:
     )
 
 
-def train(
+def _trainer(
     data: PreparedData,
     settings: CleanSettings,
+    labels: np.ndarray,
     *,
-    linc: bool = True,
-    progress: bool = False,
-    extra_hooks: Sequence[Hook] = (),
-) -> TrainedRun:
-    """Train a fresh model on ``data.train_labels``; with ``linc=True`` LiNC corrects them.
-
-    The model's initial weights and the batch order depend only on ``settings.seed``,
-    so a LiNC run and its baseline differ only by the method.
-    """
+    hooks: Sequence[Hook],
+    progress: bool,
+    desc: str,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Trainer:
+    """A fresh model and trainer. Initial weights and batch order depend only on the seed,
+    so a LiNC run and its baseline differ only by the method."""
     device = resolve_device(settings.device)
     dataset = data.dataset
     torch.manual_seed(settings.seed)
@@ -144,31 +271,98 @@ def train(
         img_size=dataset.image_size[0],
         checkpoint=settings.checkpoint,
     )
-    images = DeviceImages(dataset.train.images, device)
-    hook = (
-        LiNC(
-            dataset.n_classes,
-            warmup_epochs=settings.warmup_epochs,
-            alpha_lr=settings.alpha_lr,
-            alpha_wd=settings.alpha_wd,
-            alpha_grad=settings.alpha_grad,
-        )
-        if linc
-        else None
-    )
-    trainer = Trainer(
+    images = DeviceImages(dataset.train.images, device, mean=mean, std=std)
+    return Trainer(
         model,
         images,
-        data.train_labels,
+        labels,
         config=train_config(settings),
-        hooks=[*([hook] if hook else []), *extra_hooks],
+        hooks=hooks,
         progress=progress,
-        desc="LiNC" if linc else "baseline CE",
+        desc=desc,
+    )
+
+
+def linc_warmup(
+    data: PreparedData,
+    settings: CleanSettings,
+    *,
+    progress: bool = False,
+    hooks: Sequence[Hook] = (),
+) -> Warmup:
+    """Epochs ``1..warmup_epochs`` with trainable trust; ``hooks`` run after LiNC's."""
+    linc = LiNC(
+        data.dataset.n_classes,
+        warmup_epochs=settings.warmup_epochs,
+        alpha_lr=settings.alpha_lr,
+        alpha_wd=settings.alpha_wd,
+        alpha_grad=settings.alpha_grad,
+    )
+    trainer = _trainer(
+        data, settings, data.train_labels, hooks=[linc, *hooks], progress=progress, desc="warm-up"
+    )
+    start = time.perf_counter()
+    trainer.fit(stop_epoch=settings.warmup_epochs)
+    return Warmup(
+        trust_by_epoch=linc.trust_by_epoch_,
+        predicted_labels=linc.predicted_labels_,
+        observed_labels=linc.observed_labels_,
+        trainer_state=trainer.state_dict(),
+        mean=trainer.images.mean_list,
+        std=trainer.images.std_list,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def correct(warmup: Warmup) -> Correction:
+    """Otsu's split of the warm-up's trust; flagged samples take the model's prediction."""
+    return otsu_correct(warmup.trust, warmup.predicted_labels, warmup.observed_labels)
+
+
+def train_final(
+    data: PreparedData,
+    settings: CleanSettings,
+    warmup: Warmup,
+    correction: Correction,
+    *,
+    progress: bool = False,
+    hooks: Sequence[Hook] = (),
+) -> TrainedRun:
+    """Resume from the warm-up and train epochs ``w+1..E`` on the corrected labels."""
+    trainer = _trainer(
+        data,
+        settings,
+        correction.corrected_labels,
+        hooks=hooks,
+        progress=progress,
+        desc="final",
+        mean=warmup.mean,
+        std=warmup.std,
+    )
+    trainer.load_state_dict(warmup.trainer_state)
+    start = time.perf_counter()
+    if trainer.epoch < settings.epochs:
+        trainer.fit()
+    seconds = warmup.seconds + time.perf_counter() - start
+    linc = LincResult(warmup, correction)
+    return TrainedRun(trainer.model, trainer.images, trainer.history, seconds, linc, trainer)
+
+
+def train_baseline(
+    data: PreparedData,
+    settings: CleanSettings,
+    *,
+    progress: bool = False,
+    hooks: Sequence[Hook] = (),
+) -> TrainedRun:
+    """Plain cross-entropy on the observed labels, same seed, same loop."""
+    trainer = _trainer(
+        data, settings, data.train_labels, hooks=hooks, progress=progress, desc="baseline CE"
     )
     start = time.perf_counter()
     history = trainer.fit()
     seconds = time.perf_counter() - start
-    return TrainedRun(trainer.model, images, history, seconds, hook, trainer)
+    return TrainedRun(trainer.model, trainer.images, history, seconds, None, trainer)
 
 
 def predict_split(run: TrainedRun, split: Split) -> np.ndarray:
@@ -206,32 +400,32 @@ def build_report(
     settings: CleanSettings, data: PreparedData, run: TrainedRun, baseline: TrainedRun | None
 ) -> dict[str, Any]:
     """The JSON report of a cleaning job (keys documented in docs/USAGE.md)."""
-    dataset, hook = data.dataset, run.linc
-    assert hook is not None
+    dataset, linc_result = data.dataset, run.linc
+    assert linc_result is not None
     linc: dict[str, Any] = {
         "warmup_epochs": settings.warmup_epochs,
         "alpha_lr": settings.alpha_lr,
         "alpha_wd": settings.alpha_wd,
         "alpha_grad": settings.alpha_grad,
-        "otsu_threshold": hook.otsu_threshold_,
-        "n_flagged": int(hook.flagged_.sum()),
-        "n_changed": int((hook.corrected_labels_ != hook.observed_labels_).sum()),
-        "trust_mean": float(hook.trust_.mean()),
+        "otsu_threshold": linc_result.otsu_threshold,
+        "n_flagged": int(linc_result.flagged.sum()),
+        "n_changed": int((linc_result.corrected_labels != linc_result.observed_labels).sum()),
+        "trust_mean": float(linc_result.trust.mean()),
         "history": [h.as_dict() for h in run.history],
     }
     flipped = data.flipped
     if flipped is not None and data.train_true is not None:
         correction = correction_metrics(
-            hook.observed_labels_, hook.corrected_labels_, data.train_true
+            linc_result.observed_labels, linc_result.corrected_labels, data.train_true
         )
         linc.update(
             correction_accuracy=correction["correction_accuracy"],
             label_accuracy_before=correction["label_accuracy_before"],
             label_accuracy_after=correction["label_accuracy_after"],
-            detection=detection_metrics(hook.trust_, flipped, hook.flagged_),
+            detection=detection_metrics(linc_result.trust, flipped, linc_result.flagged),
             detection_auroc_by_epoch={
                 str(epoch): detection_auroc(alpha, flipped)
-                for epoch, alpha in enumerate(hook.trust_by_epoch_, start=1)
+                for epoch, alpha in enumerate(linc_result.trust_by_epoch, start=1)
             },
         )
     noise: dict[str, Any] | None = None
@@ -277,9 +471,10 @@ def build_report(
 
 
 def run_clean(settings: CleanSettings, *, progress: bool = False) -> CleanResult:
-    """Run a whole cleaning job in memory; :func:`noisescore.ml.outputs.write_outputs` saves it."""
+    """Run every stage in memory (no storage, no orchestration): for benchmarks."""
     data = prepare_data(settings)
-    run = train(data, settings, linc=True, progress=progress)
-    baseline = train(data, settings, linc=False, progress=progress) if settings.baseline else None
+    warmup = linc_warmup(data, settings, progress=progress)
+    run = train_final(data, settings, warmup, correct(warmup), progress=progress)
+    baseline = train_baseline(data, settings, progress=progress) if settings.baseline else None
     report = build_report(settings, data, run, baseline)
     return CleanResult(settings, data, run, baseline, report)

@@ -26,6 +26,7 @@ split works on either histogram because it is scale-free.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -36,6 +37,38 @@ from noisescore.ml.otsu import otsu_threshold
 from noisescore.ml.train import Hook, Trainer
 
 AlphaGrad = Literal["sample", "mean"]
+
+
+@dataclass(frozen=True)
+class Correction:
+    """Step 3 of LiNC: who is flagged and what their labels become.
+
+    Attributes
+    ----------
+    otsu_threshold : float
+        Otsu's threshold on the trust histogram.
+    flagged : np.ndarray, shape (N,), bool
+        ``trust < otsu_threshold``: likely mislabelled.
+    corrected_labels : np.ndarray, shape (N,), int64
+        Observed labels with flagged samples replaced by the model's prediction.
+    """
+
+    otsu_threshold: float
+    flagged: np.ndarray
+    corrected_labels: np.ndarray
+
+
+def otsu_correct(
+    trust: np.ndarray, predicted_labels: np.ndarray, observed_labels: np.ndarray
+) -> Correction:
+    """Flag ``trust`` below Otsu's threshold and relabel those samples with the prediction.
+
+    Shapes: all (N,); ``trust`` in [0, 1], labels int.
+    """
+    threshold = otsu_threshold(trust)
+    flagged = np.asarray(trust) < threshold
+    corrected = np.where(flagged, predicted_labels, observed_labels).astype(np.int64)
+    return Correction(threshold, flagged, corrected)
 
 
 def linc_targets(
@@ -167,12 +200,12 @@ class LiNC(Hook):
     def _correct(self, trainer: Trainer, alpha: np.ndarray, threshold: float) -> None:
         self.trust_ = alpha
         self.trust_by_epoch_ = np.stack(self._by_epoch)
-        self.otsu_threshold_ = threshold
-        self.flagged_ = alpha < threshold
         self.predicted_labels_ = (
             trainer.predict_logits(trainer.images).argmax(dim=1).cpu().numpy().astype(np.int64)
         )
-        self.corrected_labels_ = np.where(
-            self.flagged_, self.predicted_labels_, self.observed_labels_
-        ).astype(np.int64)
+        correction = otsu_correct(alpha, self.predicted_labels_, self.observed_labels_)
+        assert correction.otsu_threshold == threshold
+        self.otsu_threshold_ = correction.otsu_threshold
+        self.flagged_ = correction.flagged
+        self.corrected_labels_ = correction.corrected_labels
         trainer.labels = torch.as_tensor(self.corrected_labels_, device=trainer.device)

@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -132,6 +133,19 @@ class EpochStats:
             **self.extra,
         }
 
+    @classmethod
+    def from_dict(cls, d: dict[str, float]) -> EpochStats:
+        base = ("epoch", "seconds", "loss", "train_accuracy", "samples_per_second")
+        extra = {k: float(v) for k, v in d.items() if k not in base}
+        return cls(
+            int(d["epoch"]),
+            float(d["seconds"]),
+            float(d["loss"]),
+            float(d["train_accuracy"]),
+            float(d["samples_per_second"]),
+            extra,
+        )
+
 
 class Trainer:
     """Mini-batch training of ``model`` on device-resident images and labels.
@@ -180,6 +194,8 @@ class Trainer:
             self.optimizer, milestones=config.milestones(), gamma=config.lr_gamma
         )
         self.history: list[EpochStats] = []
+        self.epoch = 0  # epochs completed; fit() resumes after it
+        self.last_epoch_stats: EpochStats | None = None  # set before hooks' on_epoch_end
         self._generator = torch.Generator().manual_seed(config.seed)
         self._autocast = self.device.type == "cuda"
 
@@ -245,11 +261,22 @@ class Trainer:
             samples_per_second=seen / seconds if seconds > 0 else math.inf,
         )
 
-    def fit(self) -> list[EpochStats]:
+    def fit(self, *, stop_epoch: int | None = None) -> list[EpochStats]:
+        """Train epochs ``self.epoch + 1 .. stop_epoch`` (default: ``config.epochs``).
+
+        A run may be split in phases (LiNC's warm-up, then the final training) with
+        :meth:`state_dict` / :meth:`load_state_dict` in between; the phases give exactly
+        the weights of one uninterrupted run.
+        """
+        stop = self.config.epochs if stop_epoch is None else stop_epoch
+        if not self.epoch < stop <= self.config.epochs:
+            raise ValueError(
+                f"stop_epoch must lie in ({self.epoch}, {self.config.epochs}], got {stop}"
+            )
         for hook in self.hooks:
             hook.on_train_start(self)
         bar = tqdm(
-            range(1, self.config.epochs + 1),
+            range(self.epoch + 1, stop + 1),
             desc=self.desc,
             unit="epoch",
             disable=not self.progress or None,  # None: tqdm shows it only on a terminal
@@ -257,17 +284,38 @@ class Trainer:
         )
         for epoch in bar:
             stats = self.train_epoch(epoch)
+            self.last_epoch_stats = stats
             extra: dict[str, float] = {}
             for hook in self.hooks:
                 hook.on_epoch_end(self, epoch, extra)
             stats.extra = extra
             self.history.append(stats)
+            self.epoch = epoch
             bar.set_postfix(
                 loss=f"{stats.loss:.3f}",
                 acc=f"{stats.train_accuracy:.3f}",
                 **{k: f"{v:.3f}" for k, v in extra.items()},
             )
         return self.history
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: weights, optimizer, LR schedule, batch order."""
+        return {
+            "epoch": self.epoch,
+            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self._generator.get_state(),
+            "history": [h.as_dict() for h in self.history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self._generator.set_state(state["generator"])
+        self.epoch = int(state["epoch"])
+        self.history = [EpochStats.from_dict(h) for h in state["history"]]
 
     @torch.no_grad()
     def predict_logits(self, images: DeviceImages, *, batch_size: int = 1024) -> torch.Tensor:

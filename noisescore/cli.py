@@ -1,29 +1,35 @@
-"""``noisescore`` command line. Flags map one-to-one onto :class:`CleanSettings` fields."""
+"""``noisescore`` command line. Settings flags map one-to-one onto :class:`CleanSettings`.
+
+Verbs: ``clean`` (run the clean-labels flow here), ``flow run`` / ``flow serve`` (through
+a Prefect API), ``verify`` (check a stored job against its manifest).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from noisescore import __version__
+from noisescore.jobs import validate_job_id
+
+if TYPE_CHECKING:
+    from noisescore.settings import CleanSettings
 
 EXIT_USAGE = 2
 
 
-def _add_clean(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "clean",
-        help="score and correct the labels of a dataset with LiNC",
-        description="Train with LiNC, flag and correct noisy labels, and write report.json, "
-        "trust.csv, trust_by_epoch.npy and model.pt into --out. Unset flags fall back "
-        "to NOISESCORE_<FLAG> environment variables, then to the paper's defaults.",
-        argument_default=argparse.SUPPRESS,
+def _add_settings_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per :class:`CleanSettings` field (defaults suppressed so env vars apply)."""
+    p.add_argument(
+        "--dataset",
+        help="medmnist://NAME, file:///PATH.npz|.csv, s3://BUCKET/KEY, a MedMNIST name or a path",
     )
-    p.add_argument("--dataset", help="MedMNIST name (breastmnist) or path to .npz / .csv")
     p.add_argument(
         "--data-dir",
         help="where names are looked up (default: $NOISESCORE_DATA_DIR, ../shared/data, ./data)",
@@ -60,8 +66,75 @@ def _add_clean(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--baseline", action="store_true", help="also train plain cross-entropy with the same seed"
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--out", required=True, default=argparse.SUPPRESS, help="output directory")
-    p.add_argument("--quiet", action="store_true", default=False, help="no progress bar")
+
+
+def _add_clean(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "clean",
+        help="score and correct the labels of a dataset with LiNC (runs the clean-labels flow)",
+        description="Run the Prefect flow clean-labels in this process: train with LiNC, "
+        "flag and correct noisy labels, export ONNX, and store spec.json, noisy_labels.npy, "
+        "trust_by_epoch.npy, trust.csv, report.json, model.pt, model.onnx and, last, "
+        "manifest.json under jobs/<job-id>/ of the artifact store (MinIO/S3 when "
+        "NOISESCORE_S3_ENDPOINT is set, else --store-dir). Unset flags fall back to "
+        "NOISESCORE_<FLAG> environment variables, then to the paper's defaults.",
+        argument_default=argparse.SUPPRESS,
+    )
+    _add_settings_flags(p)
+    _add_job_flags(p)
+    p.add_argument(
+        "--store-dir", help="local artifact store when no S3 endpoint is set (default ./artifacts)"
+    )
+    p.add_argument("--quiet", action="store_true", default=False, help="warnings and results only")
+
+
+def _add_job_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--job-id",
+        default=None,
+        help="jobs/<job-id>/ in the store (default: the flow run id); rerunning a failed job "
+        "with its id reuses its stored warm-up",
+    )
+
+
+def _add_flow(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("flow", help="run or serve the clean-labels flow through a Prefect API")
+    verbs = p.add_subparsers(dest="verb", required=True)
+    run = verbs.add_parser(
+        "run",
+        help="trigger a run of a clean-labels deployment (PREFECT_API_URL must be set)",
+        description="Create a flow run of a deployment (e.g. clean-labels/local from "
+        "prefect.yaml, or one served by `noisescore flow serve`) with these settings; a "
+        "worker of the deployment's pool runs it.",
+        argument_default=argparse.SUPPRESS,
+    )
+    _add_settings_flags(run)
+    _add_job_flags(run)
+    run.add_argument(
+        "--deployment",
+        default="clean-labels/local",
+        help="FLOW/DEPLOYMENT name (default clean-labels/local)",
+    )
+    run.add_argument(
+        "--wait", action="store_true", default=False, help="wait until the run finishes"
+    )
+    serve = verbs.add_parser(
+        "serve",
+        help="serve clean-labels as a deployment from this process (no work pool needed)",
+    )
+    serve.add_argument("--name", default="served", help="deployment name (default served)")
+    serve.add_argument("--limit", type=int, default=1, help="concurrent runs (default 1)")
+
+
+def _add_verify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "verify",
+        help="check a job's artifacts against its manifest (size and sha256)",
+        description="Read jobs/<job-id>/manifest.json from the artifact store and verify "
+        "every file it lists. Exit 0 when all match, 1 when a file is missing or corrupt.",
+    )
+    p.add_argument("job_id", metavar="JOB_ID")
+    p.add_argument("--store-dir", default=argparse.SUPPRESS, help="local store root")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,10 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"noisescore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_clean(sub)
+    _add_flow(sub)
+    _add_verify(sub)
     return parser
 
 
-def _summary(report: dict[str, Any], out: str) -> str:
+def _summary(report: dict[str, Any], url: str) -> str:
     d, linc, test = report["dataset"], report["linc"], report.get("test") or {}
     lines = [
         f"dataset   {d['name']}: {d['n_train']} train, {d['n_classes']} classes",
@@ -98,21 +173,131 @@ def _summary(report: dict[str, Any], out: str) -> str:
         lines.append(f"test      accuracy {test['accuracy']:.3f}, macro-F1 {test['macro_f1']:.3f}")
     if report.get("baseline"):
         lines.append(f"baseline  test accuracy {report['baseline']['test']['accuracy']:.3f}")
-    lines.append(f"written   {out}/report.json, trust.csv, trust_by_epoch.npy, model.pt")
+    lines.append(f"artifacts {url}")
+    lines.append(
+        "          spec.json noisy_labels.npy trust_by_epoch.npy trust.csv report.json "
+        "model.pt model.onnx manifest.json"
+    )
     return "\n".join(lines)
 
 
-def _clean(args: argparse.Namespace) -> int:
-    from noisescore.ml.clean import run_clean
-    from noisescore.ml.outputs import check_out_dir, write_outputs
+_SETTINGS_EXCLUDE = {"command", "verb", "quiet", "job_id", "store_dir", "deployment", "wait"}
+
+
+def _settings(args: argparse.Namespace) -> CleanSettings:
     from noisescore.settings import CleanSettings
 
-    fields = {k: v for k, v in vars(args).items() if k not in ("command", "out", "quiet")}
-    settings = CleanSettings(**fields)
-    check_out_dir(args.out)  # fail before training, not after it
-    result = run_clean(settings, progress=not args.quiet)
-    write_outputs(result, args.out)
-    print(_summary(result.report, args.out))
+    return CleanSettings(**{k: v for k, v in vars(args).items() if k not in _SETTINGS_EXCLUDE})
+
+
+def _prefect_env(*, quiet: bool = False) -> None:
+    """Defaults for Prefect, set before it is imported (an explicit env var wins)."""
+    # The ephemeral server's telemetry write races its own migrations on first start.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if quiet:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def _console_without_tracebacks() -> None:
+    """A failing step's traceback stays in the flow run's logs (Prefect API/UI); on the
+    terminal, Prefect's one-line log and our error message say what went wrong."""
+    import logging
+
+    from prefect.logging import configuration
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    if not configuration.PROCESS_LOGGING_CONFIG:
+        configuration.setup_logging()  # what the flow engine would do on its first run
+    def without_traceback(format: Callable[[logging.LogRecord], str]) -> Callable[..., str]:
+        def wrapper(record: logging.LogRecord) -> str:
+            saved = record.exc_info, record.exc_text, record.stack_info
+            record.exc_info = record.exc_text = record.stack_info = None
+            try:
+                return format(record)
+            finally:
+                record.exc_info, record.exc_text, record.stack_info = saved
+
+        return wrapper
+
+    loggers = [logging.getLogger(), *logging.root.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            formatter = handler.formatter
+            if (
+                isinstance(handler, PrefectConsoleHandler)
+                and formatter is not None
+                and not getattr(formatter, "_noisescore_quiet", False)
+            ):
+                formatter.format = without_traceback(formatter.format)  # type: ignore[method-assign]
+                formatter._noisescore_quiet = True  # type: ignore[attr-defined]
+
+
+def _clean(args: argparse.Namespace) -> int:
+    if "store_dir" in args:
+        os.environ["NOISESCORE_STORE_DIR"] = str(args.store_dir)
+    settings = _settings(args)  # validate flags before Prefect starts
+    _prefect_env(quiet=args.quiet)
+    from noisescore.flows.clean_labels import clean_labels
+    from noisescore.jobs import JobStore
+    from noisescore.settings import StoreSettings
+    from noisescore.storage import open_store
+
+    if args.job_id is not None:
+        validate_job_id(args.job_id)
+    open_store(StoreSettings()).check()  # an unusable store fails before any training
+    _console_without_tracebacks()
+    summary = clean_labels(settings=settings, job_id=args.job_id)
+    job = JobStore(open_store(StoreSettings()), summary["job_id"])
+    report = json.loads(job.get("report.json"))  # verified against the manifest
+    print(_summary(report, summary["url"]))
+    return 0
+
+
+def _flow_run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if args.job_id is not None:
+        validate_job_id(args.job_id)
+    _prefect_env()
+    from prefect.deployments import run_deployment
+
+    parameters: dict[str, Any] = {"settings": settings.model_dump(mode="json", exclude_unset=True)}
+    if args.job_id is not None:
+        parameters["job_id"] = args.job_id
+    run = run_deployment(args.deployment, parameters=parameters, timeout=None if args.wait else 0)
+    state = run.state.name if run.state else "unknown"
+    print(f"flow run {run.name} ({run.id}) of {args.deployment}: {state}")
+    print(f"job id   {args.job_id or run.id}")
+    if args.wait and (run.state is None or not run.state.is_completed()):
+        message = run.state.message if run.state else ""
+        print(f"noisescore: error: the run ended {state}: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _flow_serve(args: argparse.Namespace) -> int:
+    _prefect_env()
+    from noisescore.flows.clean_labels import clean_labels
+
+    clean_labels.serve(name=args.name, limit=args.limit)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    if "store_dir" in args:
+        os.environ["NOISESCORE_STORE_DIR"] = str(args.store_dir)
+    from noisescore.jobs import JobStore
+    from noisescore.settings import StoreSettings
+    from noisescore.storage import ChecksumMismatch, open_store
+
+    job = JobStore(open_store(StoreSettings()), validate_job_id(args.job_id))
+    try:
+        refs = job.verify()
+    except ChecksumMismatch as err:
+        print(f"noisescore: corrupt: {err}", file=sys.stderr)
+        return 1
+    for name, ref in sorted(refs.items()):
+        print(f"ok  {ref.size:>12,d}  {ref.sha256[:16]}  {name}")
+    print(f"job {job.job_id} verified: {len(refs)} files match {job.url('manifest.json')}")
     return 0
 
 
@@ -129,15 +314,26 @@ def _format_validation(err: ValidationError) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from noisescore.storage import StorageError
+
+    commands = {
+        ("clean", None): _clean,
+        ("flow", "run"): _flow_run,
+        ("flow", "serve"): _flow_serve,
+        ("verify", None): _verify,
+    }
+    command = commands[(args.command, getattr(args, "verb", None))]
     try:
-        if args.command == "clean":
-            return _clean(args)
+        return command(args)
     except ValidationError as err:
         print(f"noisescore: error: {_format_validation(err)}", file=sys.stderr)
+    except StorageError as err:  # unreachable store, missing or corrupt artifact
+        print(f"noisescore: storage error: {err}", file=sys.stderr)
+        return 1
     except (ValueError, NotADirectoryError) as err:  # DataError, NoiseSpecError, ModelError...
         print(f"noisescore: error: {err}", file=sys.stderr)
     except KeyboardInterrupt:
-        print("noisescore: interrupted; no report.json was written", file=sys.stderr)
+        print("noisescore: interrupted; the job has no manifest.json", file=sys.stderr)
         return 130
     return EXIT_USAGE
 

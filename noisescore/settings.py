@@ -21,7 +21,10 @@ class CleanSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="NOISESCORE_", extra="forbid")
 
-    dataset: str = Field("breastmnist", description="MedMNIST name or path to .npz / .csv")
+    dataset: str = Field(
+        "breastmnist",
+        description="medmnist://NAME, file:///PATH.npz|.csv, s3://BUCKET/KEY, a name or a path",
+    )
     data_dir: Path | None = Field(None, description="where dataset names are looked up")
     image_size: int | None = Field(None, ge=8, le=1024, description="resize images to this")
     noise: str | None = Field(None, description="KIND:RATE to inject, e.g. uniform:0.5")
@@ -41,6 +44,13 @@ class CleanSettings(BaseSettings):
     alpha_grad: Literal["mean", "sample"] = "mean"
     baseline: bool = Field(False, description="also train plain cross-entropy, same seed")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("dataset")
+    @classmethod
+    def _valid_dataset_uri(cls, value: str) -> str:
+        from noisescore.uris import check_dataset_uri  # syntax only: fails before any work
+
+        return check_dataset_uri(value)
 
     @field_validator("noise")
     @classmethod

@@ -23,6 +23,9 @@ TRUST_HEADER = [
 ]  # fmt: skip
 N_TRAIN = 546  # breastmnist train split
 
+# `noisescore clean` runs the clean-labels flow: against one real Prefect API per session.
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -32,17 +35,27 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(key)
 
 
+JOB = "cli-test"
+
+
+def _job(store: Path) -> Path:
+    """The job's folder in the local artifact store ``store``."""
+    return store / "jobs" / JOB
+
+
 def _clean(data_dir: Path, out: Path, *extra: str, dataset: str = "breastmnist") -> int:
+    """``noisescore clean`` with the local store ``out`` and job id JOB."""
     argv = ["clean", "--dataset", dataset, "--data-dir", str(data_dir), "--seed", "0"]
-    return main([*argv, "--out", str(out), "--quiet", "--device", "cpu", *extra])
+    store = ["--store-dir", str(out), "--job-id", JOB]
+    return main([*argv, *store, "--quiet", "--device", "cpu", *extra])
 
 
 def _read_report(out: Path) -> dict[str, Any]:
-    return json.loads((out / "report.json").read_text())
+    return json.loads((_job(out) / "report.json").read_text())
 
 
 def _read_trust(out: Path) -> tuple[list[str], list[dict[str, str]]]:
-    with (out / "trust.csv").open(newline="") as handle:
+    with (_job(out) / "trust.csv").open(newline="") as handle:
         reader = csv.DictReader(handle)
         rows = list(reader)
         return list(reader.fieldnames or []), rows
@@ -128,7 +141,7 @@ def test_trust_csv_consistent_with_report(uniform_run: Path) -> None:
     clear = np.abs(trust - threshold) > 1e-6
     assert (flagged.astype(bool) == (trust < threshold))[clear].all()
     # The exact float32 trust is in trust_by_epoch.npy: there flagged is exactly trust < t.
-    exact = np.load(uniform_run / "trust_by_epoch.npy")[-1]
+    exact = np.load(_job(uniform_run) / "trust_by_epoch.npy")[-1]
     assert np.array_equal(flagged.astype(bool), exact < threshold)
 
     assert flagged.sum() == linc["n_flagged"]
@@ -141,12 +154,12 @@ def test_trust_csv_consistent_with_report(uniform_run: Path) -> None:
 
 @pytest.mark.slow
 def test_trust_by_epoch_and_model(uniform_run: Path) -> None:
-    by_epoch = np.load(uniform_run / "trust_by_epoch.npy")
+    by_epoch = np.load(_job(uniform_run) / "trust_by_epoch.npy")
     assert by_epoch.shape == (10, N_TRAIN)
     assert np.isfinite(by_epoch).all()
     assert ((by_epoch >= 0) & (by_epoch <= 1)).all()
 
-    ckpt = torch.load(uniform_run / "model.pt", map_location="cpu", weights_only=True)
+    ckpt = torch.load(_job(uniform_run) / "model.pt", map_location="cpu", weights_only=True)
     assert ckpt["format"] == "noisescore.model.v1"
     assert (ckpt["num_classes"], ckpt["in_chans"], ckpt["img_size"]) == (2, 1, 28)
     assert len(ckpt["mean"]) == len(ckpt["std"]) == 1
@@ -161,9 +174,11 @@ def test_trust_by_epoch_and_model(uniform_run: Path) -> None:
     with torch.no_grad():
         logits = model(torch.zeros(3, 1, 28, 28))
     assert logits.shape == (3, 2)
-    # No leftover temporary files from the atomic writes.
-    assert sorted(p.name for p in uniform_run.iterdir()) == [
-        "model.pt", "report.json", "trust.csv", "trust_by_epoch.npy",
+    # Every artifact of the layout, and no leftover temporary files from atomic writes.
+    assert sorted(p.name for p in _job(uniform_run).iterdir()) == [
+        "checkpoints", "manifest.json", "model.onnx", "model.pt", "noisy_labels.npy",
+        "progress.json", "report.json", "spec.json", "trust.csv", "trust_by_epoch.npy",
+        "trust_histogram.png",
     ]  # fmt: skip
 
 
@@ -174,8 +189,9 @@ def test_same_seed_same_trust(data_dir: Path, tmp_path: Path) -> None:
     for out in outs:
         assert _clean(data_dir, out, *extra) == 0
     a, b = outs
-    assert (a / "trust.csv").read_bytes() == (b / "trust.csv").read_bytes()
-    assert np.array_equal(np.load(a / "trust_by_epoch.npy"), np.load(b / "trust_by_epoch.npy"))
+    ja, jb = _job(a), _job(b)
+    assert (ja / "trust.csv").read_bytes() == (jb / "trust.csv").read_bytes()
+    assert np.array_equal(np.load(ja / "trust_by_epoch.npy"), np.load(jb / "trust_by_epoch.npy"))
     ra, rb = _read_report(a), _read_report(b)
     assert ra["linc"]["detection"] == rb["linc"]["detection"]
     assert ra["test"] == rb["test"]
@@ -197,7 +213,7 @@ def test_without_noise_has_no_detection(data_dir: Path, tmp_path: Path) -> None:
     header, rows = _read_trust(out)
     assert header == TRUST_HEADER[:-1]
     assert len(rows) == N_TRAIN
-    assert np.load(out / "trust_by_epoch.npy").shape == (1, N_TRAIN)
+    assert np.load(_job(out) / "trust_by_epoch.npy").shape == (1, N_TRAIN)
 
 
 @pytest.mark.slow
@@ -245,7 +261,7 @@ def test_manifest_with_true_label(tmp_path: Path) -> None:
     out = tmp_path / "out"
     code = main(
         ["clean", "--dataset", str(manifest), "--epochs", "2", "--warmup-epochs", "1",
-         "--seed", "0", "--out", str(out), "--quiet", "--device", "cpu"]
+         "--seed", "0", "--store-dir", str(out), "--job-id", JOB, "--quiet", "--device", "cpu"]
     )  # fmt: skip
     assert code == 0
     report = _read_report(out)
@@ -275,12 +291,14 @@ def test_manifest_with_true_label(tmp_path: Path) -> None:
 def _assert_usage_error(
     capsys: pytest.CaptureFixture[str], code: int, out: Path, pattern: str
 ) -> str:
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.startswith("noisescore: error: "), err
+    full = capsys.readouterr().err
+    assert code == 2, full
+    assert "Traceback" not in full
+    # Prefect's log lines of the flow run may come first; our one-line error is last.
+    err = full.strip().splitlines()[-1]
+    assert err.startswith("noisescore: error: "), full
     assert re.search(pattern, err, flags=re.IGNORECASE | re.DOTALL), err
-    assert "Traceback" not in err
-    assert not (out / "report.json").exists()
+    assert not (_job(out) / "manifest.json").exists()
     return err
 
 
@@ -298,7 +316,7 @@ def test_no_data_dir_anywhere(
 ) -> None:
     monkeypatch.chdir(tmp_path)  # no ../shared/data or ./data from here
     out = tmp_path / "out"
-    code = main(["clean", "--dataset", "breastmnist", "--out", str(out), "--quiet"])
+    code = main(["clean", "--dataset", "breastmnist", "--store-dir", str(out), "--quiet"])
     _assert_usage_error(capsys, code, out, r"NOISESCORE_DATA_DIR.*--data-dir")
 
 
@@ -306,7 +324,9 @@ def test_corrupt_npz(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     bad = tmp_path / "broken.npz"
     bad.write_bytes(b"this is not a zip archive")
     out = tmp_path / "out"
-    code = main(["clean", "--dataset", str(bad), "--out", str(out), "--quiet", "--device", "cpu"])
+    code = main(
+        ["clean", "--dataset", str(bad), "--store-dir", str(out), "--quiet", "--device", "cpu"]
+    )
     _assert_usage_error(capsys, code, out, r"broken\.npz.*(not a valid \.npz|corrupt)")
 
 
@@ -345,15 +365,31 @@ def test_warmup_longer_than_epochs(
     assert "--settings" not in err  # no made-up flag name for a cross-field check
 
 
-def test_out_is_a_regular_file(
+def test_store_dir_is_a_regular_file(
     data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "taken"
     out.write_text("keep me\n")
     code = _clean(data_dir, out, "--epochs", "1", "--warmup-epochs", "1")
-    _assert_usage_error(capsys, code, tmp_path, r"--out .*taken.* not a directory")
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert re.search(r"storage error: local store .*taken", err), err
+    assert "Traceback" not in err
     assert out.read_text() == "keep me\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_bad_dataset_uri(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["clean", "--dataset", "http://example.org/x.npz", "--store-dir", str(tmp_path)])
+    err = _assert_usage_error(capsys, code, tmp_path, r"--dataset: unsupported .*scheme 'http'")
+    assert "medmnist://" in err and "s3://" in err
+    assert list(tmp_path.iterdir()) == []  # refused before any work
+
+
+def test_bad_job_id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["clean", "--job-id", "Bad/ID", "--store-dir", str(tmp_path)])
+    _assert_usage_error(capsys, code, tmp_path, r"job id")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
@@ -362,7 +398,7 @@ def test_cuda_without_gpu(
 ) -> None:
     out = tmp_path / "out"
     code = main(
-        ["clean", "--dataset", "breastmnist", "--data-dir", str(data_dir), "--out", str(out),
+        ["clean", "--dataset", "breastmnist", "--data-dir", str(data_dir), "--store-dir", str(out),
          "--epochs", "1", "--warmup-epochs", "1", "--quiet", "--device", "cuda"]
     )  # fmt: skip
     _assert_usage_error(capsys, code, out, r"--device cuda.*no CUDA device")
@@ -374,7 +410,7 @@ def test_manifest_label_out_of_range(tmp_path: Path, capsys: pytest.CaptureFixtu
     manifest = tmp_path / "labels.csv"
     manifest.write_text("path,label\n0.png,0\n1.png,1\n2.png,-1\n3.png,1\n")
     out = tmp_path / "out"
-    code = main(["clean", "--dataset", str(manifest), "--out", str(out), "--quiet"])
+    code = main(["clean", "--dataset", str(manifest), "--store-dir", str(out), "--quiet"])
     _assert_usage_error(capsys, code, out, r"labels\.csv.*line 4.*label -1 is out of range")
 
 
@@ -393,12 +429,13 @@ def test_clean_help(capsys: pytest.CaptureFixture[str]) -> None:
         main(["clean", "--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--dataset", "--noise", "--warmup-epochs", "--out", "NOISESCORE_"):
+    for flag in ("--dataset", "--noise", "--warmup-epochs", "--store-dir", "--job-id", "s3://"):
         assert flag in text
 
 
-def test_missing_out_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+def test_flow_help_lists_verbs(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
-        main(["clean", "--dataset", "breastmnist"])
-    assert exc.value.code == 2
-    assert "--out" in capsys.readouterr().err
+        main(["flow", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "run" in text and "serve" in text

@@ -1,0 +1,485 @@
+"""The Prefect flow ``clean_labels``: one cleaning job, step by step, artifacts in a store.
+
+    load_dataset -> inject_noise -> linc_warmup -> otsu_correct -> train_final
+                 -> evaluate -> export_onnx -> publish
+
+Each step is a task calling one stage of :mod:`noisescore.ml.clean`; what a step
+produces goes to the job's folder ``jobs/<job_id>/`` of the artifact store through the
+``save`` task, whose retries with exponential backoff (storage errors only) are declared
+on it. ``manifest.json`` is written last by ``publish``: until it exists the job is not
+complete, whatever else is there. A rerun of a failed job (same ``job_id``; a retry from
+the Prefect UI keeps the flow run id, which is the default job id) reuses the stored
+warm-up checkpoint when it was made by the same settings and labels.
+
+``noisescore clean`` runs this flow in-process; deployments (``prefect.yaml``) run it on a
+process or Kubernetes work pool.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import numpy as np
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from prefect.states import State
+from prefect.tasks import exponential_backoff
+
+from noisescore import __version__
+from noisescore.jobmetrics import JobMetrics, MetricsHook, ProgressEvent
+from noisescore.jobs import MANIFEST, JobStore, new_job_id
+from noisescore.ml import clean as stages
+from noisescore.ml.data import Dataset
+from noisescore.ml.export import ParityReport, export_with_parity
+from noisescore.ml.linc import Correction
+from noisescore.ml.outputs import json_bytes, model_checkpoint, npy_bytes, trust_csv
+from noisescore.settings import CleanSettings, StoreSettings
+from noisescore.storage import ArtifactRef, StorageUnavailable, open_store
+
+WARMUP_CHECKPOINT = "checkpoints/warmup.pt"
+PROGRESS = "progress.json"
+HISTOGRAM = "trust_histogram.png"
+PARITY_BATCH = 256
+
+
+class JobAlreadyPublished(ValueError):
+    """The job id names a complete job; its artifacts are never overwritten."""
+
+
+def _storage_unavailable(task: Any, task_run: Any, state: State) -> bool:
+    """Retry only what a retry can fix: the store being unreachable (not bad data)."""
+    try:
+        state.result()
+    except StorageUnavailable:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+# Declared once, used by every task that talks to the store. Delays 1, 2, 4 s (+-20%).
+STORAGE_RETRIES: dict[str, Any] = {
+    "retries": 3,
+    "retry_delay_seconds": exponential_backoff(backoff_factor=1),
+    "retry_jitter_factor": 0.2,
+    "retry_condition_fn": _storage_unavailable,
+}
+# Inputs are datasets and models: hashing them for Prefect's cache would cost more than
+# the steps. Reuse across runs is explicit (the warm-up checkpoint in the store).
+COMPUTE = {"cache_policy": NO_CACHE}
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """Per-epoch progress of one job: Prefect logs, a progress artifact, Pushgateway
+    metrics (when ``NOISESCORE_PUSHGATEWAY`` is set) and ``progress.json`` in the store
+    (the latest event per stage, for the service's ``WatchJob``)."""
+
+    def __init__(self, job: JobStore, settings: CleanSettings):
+        self.job = job
+        self.epochs = settings.epochs
+        self.metrics = JobMetrics(job.job_id)
+        self.events: dict[str, dict[str, Any]] = {}
+        self.artifact_id: UUID | None = None
+
+    def hook(self, stage: str, n_samples: int) -> MetricsHook:
+        return MetricsHook(
+            self, job_id=self.job.job_id, stage=stage, epochs=self.epochs, n_samples=n_samples
+        )
+
+    def __call__(self, event: ProgressEvent) -> None:
+        logger = get_run_logger()
+        parts = [f"epoch {event.epoch}/{event.epochs}", f"loss {event.loss:.4f}"]
+        if event.trust_mean is not None:
+            parts.append(f"mean trust {event.trust_mean:.4f}")
+        if event.flagged_fraction is not None:
+            parts.append(f"flagged {event.flagged_fraction:.3f}")
+        if event.samples_per_second is not None:
+            parts.append(f"{event.samples_per_second:.0f} samples/s")
+        logger.info("%s: %s", event.stage, ", ".join(parts))
+        self.metrics.record(event)
+        self.events[event.stage] = event.as_dict()
+        self._update_artifact(100.0 * event.epoch / max(event.epochs, 1))
+        try:  # progress is best effort: a flaky store must not stop the training
+            self.job.put(PROGRESS, json_bytes({"job_id": self.job.job_id, **self.events}))
+        except Exception as err:
+            logger.warning("could not store %s: %s", PROGRESS, err)
+
+    def _update_artifact(self, percent: float) -> None:
+        if self.artifact_id is None:
+            artifact = create_progress_artifact(
+                progress=percent, description=f"training progress of job {self.job.job_id}"
+            )
+            self.artifact_id = artifact if isinstance(artifact, UUID) else artifact.id  # type: ignore[union-attr]
+        else:
+            update_progress_artifact(self.artifact_id, progress=percent)
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+@task(name="save", **STORAGE_RETRIES, **COMPUTE)
+def save(job: JobStore, name: str, data: bytes) -> ArtifactRef:
+    """Store one artifact of the job (atomic: a reader sees all of it or nothing)."""
+    ref = job.put(name, data)
+    get_run_logger().info("stored %s (%d bytes)", job.url(name), ref.size)
+    return ref
+
+
+@task(name="start-job", **STORAGE_RETRIES, **COMPUTE)
+def start_job(job: JobStore, settings: CleanSettings) -> ArtifactRef:
+    """Record the job's spec; a published job is immutable, so its id cannot be reused."""
+    job.store.check()  # reachable, and the bucket exists
+    if job.is_complete():
+        raise JobAlreadyPublished(
+            f"job {job.job_id} is already complete ({job.url(MANIFEST)}); "
+            "published jobs are immutable: use a new job id"
+        )
+    ref = job.put("spec.json", job_spec(job.job_id, settings))
+    get_run_logger().info("job %s: artifacts go to %s", job.job_id, job.url())
+    return ref
+
+
+@task(name="load-dataset", retries=2, retry_condition_fn=_storage_unavailable, **COMPUTE)
+def load_dataset(settings: CleanSettings) -> Dataset:
+    """Read the dataset URI; a bad URI or file fails at once (no retry)."""
+    dataset = stages.load_data(settings)
+    get_run_logger().info(
+        "%s: %d train / %d val / %d test images %s, %d classes",
+        dataset.name,
+        len(dataset.train),
+        len(dataset.val) if dataset.val is not None else 0,
+        len(dataset.test) if dataset.test is not None else 0,
+        "x".join(map(str, (dataset.in_chans, *dataset.image_size))),
+        dataset.n_classes,
+    )
+    return dataset
+
+
+@task(name="inject-noise", **COMPUTE)
+def inject_noise(dataset: Dataset, settings: CleanSettings) -> stages.PreparedData:
+    """Noise for evaluation runs, truth kept; without ``settings.noise`` the labels as read."""
+    data = stages.add_noise(dataset, settings)
+    if data.noise is not None:
+        get_run_logger().info(
+            "injected %s: %.3f of train labels flipped", data.noise.spec, data.noise.realised_rate
+        )
+    return data
+
+
+@task(name="reuse-warmup", **STORAGE_RETRIES, **COMPUTE)
+def reuse_warmup(job: JobStore, fingerprint: str) -> stages.Warmup | None:
+    """The stored warm-up of an earlier attempt of this job, if it matches these settings."""
+    if not job.exists(WARMUP_CHECKPOINT):
+        return None
+    logger = get_run_logger()
+    try:
+        warmup = stages.Warmup.from_bytes(
+            job.get(WARMUP_CHECKPOINT, verify=False), fingerprint=fingerprint
+        )
+    except ValueError as err:
+        logger.warning("not reusing %s: %s", job.url(WARMUP_CHECKPOINT), err)
+        return None
+    logger.info("reusing the warm-up checkpoint %s", job.url(WARMUP_CHECKPOINT))
+    return warmup
+
+
+@task(name="linc-warmup", **COMPUTE)
+def linc_warmup(
+    data: stages.PreparedData, settings: CleanSettings, progress: Progress
+) -> stages.Warmup:
+    """LiNC warm-up: epochs 1..w with one trainable trust parameter per sample."""
+    hook = progress.hook("warmup", len(data.train_labels))
+    return stages.linc_warmup(data, settings, hooks=[hook])
+
+
+@task(name="otsu-correct", **COMPUTE)
+def otsu_correct(warmup: stages.Warmup, data: stages.PreparedData, job: JobStore) -> Correction:
+    """Otsu's threshold on the trust histogram; flagged samples take the prediction."""
+    correction = stages.correct(warmup)
+    n_flagged = int(correction.flagged.sum())
+    n_changed = int((correction.corrected_labels != warmup.observed_labels).sum())
+    get_run_logger().info(
+        "Otsu threshold %.4f: %d of %d flagged, %d relabelled",
+        correction.otsu_threshold,
+        n_flagged,
+        len(correction.flagged),
+        n_changed,
+    )
+    png = trust_histogram_png(warmup.trust, correction.otsu_threshold, data.flipped)
+    create_markdown_artifact(
+        key=f"trust-{job.job_id}"[:63].rstrip("-"),
+        markdown=warmup_markdown(warmup, correction, png),
+        description=f"LiNC trust after warm-up, job {job.job_id}",
+    )
+    save(job, HISTOGRAM, png)
+    return correction
+
+
+@task(name="train-final", **COMPUTE)
+def train_final(
+    data: stages.PreparedData,
+    settings: CleanSettings,
+    warmup: stages.Warmup,
+    correction: Correction,
+    progress: Progress,
+) -> stages.TrainedRun:
+    """Resume from the warm-up; epochs w+1..E of plain cross-entropy on corrected labels."""
+    hook = progress.hook("final", len(data.train_labels))
+    return stages.train_final(data, settings, warmup, correction, hooks=[hook])
+
+
+@task(name="train-baseline", **COMPUTE)
+def train_baseline(
+    data: stages.PreparedData, settings: CleanSettings, progress: Progress
+) -> stages.TrainedRun:
+    """Plain cross-entropy with the same seed, for comparison (``settings.baseline``)."""
+    hook = progress.hook("baseline", len(data.train_labels))
+    return stages.train_baseline(data, settings, hooks=[hook])
+
+
+@task(name="evaluate", **COMPUTE)
+def evaluate(
+    settings: CleanSettings,
+    data: stages.PreparedData,
+    run: stages.TrainedRun,
+    baseline: stages.TrainedRun | None,
+) -> dict[str, Any]:
+    """The report: test metrics and, where the truth is known, detection and correction."""
+    report = stages.build_report(settings, data, run, baseline)
+    test = report.get("test") or {}
+    if test:
+        get_run_logger().info(
+            "test accuracy %.4f, macro-F1 %.4f", test["accuracy"], test["macro_f1"]
+        )
+    return report
+
+
+@task(name="export-onnx", **COMPUTE)
+def export_onnx(
+    run: stages.TrainedRun, data: stages.PreparedData, settings: CleanSettings
+) -> tuple[bytes, ParityReport]:
+    """ONNX with normalisation and softmax inside, checked against PyTorch on a test batch."""
+    dataset = data.dataset
+    split = dataset.test if dataset.test is not None else dataset.train
+    onnx_bytes, parity = export_with_parity(
+        run.model,
+        images=split.images[:PARITY_BATCH],
+        model_name=settings.model,
+        num_classes=dataset.n_classes,
+        in_chans=dataset.in_chans,
+        img_size=dataset.image_size[0],
+        mean=run.images.mean_list,
+        std=run.images.std_list,
+        metadata={"noisescore_version": __version__},
+    )
+    get_run_logger().info(
+        "ONNX parity on %d images: max |p_onnx - p_torch| = %.2e (tolerance %.0e)",
+        parity.batch_size,
+        parity.max_abs_diff,
+        parity.tolerance,
+    )
+    return onnx_bytes, parity
+
+
+@task(name="publish", **STORAGE_RETRIES, **COMPUTE)
+def publish(
+    job: JobStore, refs: list[ArtifactRef], parity: ParityReport, report: dict[str, Any]
+) -> dict[str, Any]:
+    """Write ``manifest.json`` last: from now on the job is complete and verifiable."""
+    manifest_ref = job.write_manifest(
+        refs,
+        onnx_parity=parity.as_dict(),
+        noisescore_version=__version__,
+        flow_run_id=str(flow_run.id) if flow_run.id else None,
+    )
+    summary = job_summary(job, report, manifest_ref)
+    create_markdown_artifact(
+        key=f"job-{job.job_id}"[:63].rstrip("-"),
+        markdown=summary_markdown(summary),
+        description=f"noisescore cleaning job {job.job_id}",
+    )
+    get_run_logger().info("job %s complete: %s", job.job_id, job.url())
+    return summary
+
+
+# ----------------------------------------------------------------------------- the flow
+
+
+@flow(name="clean-labels", log_prints=True, validate_parameters=True)
+def clean_labels(
+    settings: CleanSettings | None = None,
+    job_id: str | None = None,
+) -> dict[str, Any]:
+    """Score and correct the labels of ``settings.dataset`` with LiNC; store every artifact.
+
+    Parameters
+    ----------
+    settings : CleanSettings
+        The same typed settings as ``noisescore clean``'s flags (``NOISESCORE_*`` env).
+    job_id : str, optional
+        Folder ``jobs/<job_id>/`` of the store; default: this flow run's id, so that a
+        retry from the Prefect UI reuses what the failed attempt stored.
+
+    The artifact store comes from the environment of the process running the flow
+    (``NOISESCORE_S3_*``, else ``NOISESCORE_STORE_DIR``): credentials never travel as flow
+    parameters, and a deployment's workers all write to the same place.
+    """
+    settings = settings or CleanSettings()
+    job = JobStore(open_store(StoreSettings()), job_id or default_job_id())
+    progress = Progress(job, settings)
+    refs = [start_job(job, settings)]
+
+    dataset = load_dataset(settings)
+    data = inject_noise(dataset, settings)
+    refs.append(save(job, "noisy_labels.npy", npy_bytes(data.train_labels)))
+
+    fingerprint = stages.warmup_fingerprint(settings, data)
+    warmup = reuse_warmup(job, fingerprint)
+    reused = warmup is not None
+    if warmup is None:
+        warmup = linc_warmup(data, settings, progress)
+        save(job, WARMUP_CHECKPOINT, warmup.to_bytes(fingerprint=fingerprint))
+    refs.append(save(job, "trust_by_epoch.npy", npy_bytes(warmup.trust_by_epoch)))
+    correction = otsu_correct(warmup, data, job)
+
+    run = train_final(data, settings, warmup, correction, progress)
+    baseline = train_baseline(data, settings, progress) if settings.baseline else None
+    report = evaluate(settings, data, run, baseline)
+    report["job"] = {"id": job.job_id, "url": job.url(), "warmup_reused": reused}
+    onnx_bytes, parity = export_onnx(run, data, settings)
+
+    refs.append(save(job, "trust.csv", trust_csv(data, run.linc)))
+    refs.append(save(job, "model.pt", model_bytes(run, settings, data.dataset)))
+    refs.append(save(job, "model.onnx", onnx_bytes))
+    refs.append(save(job, "report.json", json_bytes(report)))
+    progress.metrics.finish("succeeded")
+    return publish(job, refs, parity, report)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def default_job_id() -> str:
+    """The flow run's id when running under Prefect (a UI retry keeps it), else a new id."""
+    run_id = flow_run.id
+    return str(run_id) if run_id else new_job_id()
+
+
+def job_spec(job_id: str, settings: CleanSettings) -> bytes:
+    return json_bytes(
+        {
+            "job_id": job_id,
+            "created": datetime.now(UTC).isoformat(),
+            "noisescore_version": __version__,
+            "flow_run_id": str(flow_run.id) if flow_run.id else None,
+            "settings": settings.model_dump(mode="json"),
+        }
+    )
+
+
+def model_bytes(run: stages.TrainedRun, settings: CleanSettings, dataset: Dataset) -> bytes:
+    return model_checkpoint(
+        run.model,
+        model_name=settings.model,
+        num_classes=dataset.n_classes,
+        in_chans=dataset.in_chans,
+        img_size=dataset.image_size[0],
+        mean=run.images.mean_list,
+        std=run.images.std_list,
+    )
+
+
+def trust_histogram_png(trust: np.ndarray, threshold: float, flipped: np.ndarray | None) -> bytes:
+    """Histogram of trust with Otsu's threshold; split by the truth when it is known."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    bins = np.linspace(0.0, 1.0, 51)
+    if flipped is not None:
+        ax.hist(
+            [trust[~flipped], trust[flipped]],
+            bins=bins,
+            stacked=True,
+            label=["label was right", "label was flipped"],
+            color=["#4c72b0", "#dd8452"],
+        )
+        ax.legend(loc="upper left", fontsize=8)
+    else:
+        ax.hist(trust, bins=bins, color="#4c72b0")
+    ax.axvline(threshold, color="black", linestyle="--", linewidth=1)
+    ax.text(threshold, ax.get_ylim()[1] * 0.95, f" Otsu {threshold:.3f}", va="top", fontsize=8)
+    ax.set_xlabel("trust (alpha) after warm-up")
+    ax.set_ylabel("samples")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def warmup_markdown(warmup: stages.Warmup, correction: Correction, png: bytes) -> str:
+    rows = ["| epoch | loss | train acc | mean trust | flagged fraction | samples/s |",
+            "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for h in warmup.history:
+        rows.append(
+            f"| {h.epoch} | {h.loss:.4f} | {h.train_accuracy:.4f} | "
+            f"{h.extra.get('trust_mean', float('nan')):.4f} | "
+            f"{h.extra.get('flagged_fraction', float('nan')):.4f} | {h.samples_per_second:.0f} |"
+        )
+    n = len(correction.flagged)
+    changed = int((correction.corrected_labels != warmup.observed_labels).sum())
+    image = base64.b64encode(png).decode()
+    return "\n".join(
+        [
+            "## LiNC warm-up",
+            "",
+            *rows,
+            "",
+            f"Otsu threshold **{correction.otsu_threshold:.4f}**: "
+            f"{int(correction.flagged.sum())} of {n} samples flagged, {changed} relabelled.",
+            "",
+            f"![trust histogram](data:image/png;base64,{image})",
+        ]
+    )
+
+
+def job_summary(job: JobStore, report: dict[str, Any], manifest: ArtifactRef) -> dict[str, Any]:
+    linc, test = report["linc"], report.get("test") or {}
+    summary: dict[str, Any] = {
+        "job_id": job.job_id,
+        "url": job.url(),
+        "manifest_sha256": manifest.sha256,
+        "completed": datetime.now(UTC).isoformat(),
+        "n_train": report["dataset"]["n_train"],
+        "otsu_threshold": linc["otsu_threshold"],
+        "n_flagged": linc["n_flagged"],
+        "n_changed": linc["n_changed"],
+        "test_accuracy": test.get("accuracy"),
+        "warmup_reused": report["job"]["warmup_reused"],
+    }
+    if "detection" in linc:
+        summary["detection_auroc"] = linc["detection"]["auroc"]
+        summary["label_accuracy_before"] = linc["label_accuracy_before"]
+        summary["label_accuracy_after"] = linc["label_accuracy_after"]
+    return summary
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    rows = ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in summary.items()]
+    return "\n".join(["## noisescore cleaning job", "", *rows])
