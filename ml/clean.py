@@ -104,7 +104,10 @@ class Warmup:
     @classmethod
     def from_bytes(cls, data: bytes, *, fingerprint: str) -> Warmup:
         """Load a checkpoint; ValueError when it was made by different settings."""
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        try:  # our own checkpoint, read back from our own store (verified by sha256)
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise ValueError(f"not a noisescore warm-up checkpoint: {err}") from err
         if not isinstance(state, dict) or state.get("format") != WARMUP_FORMAT:
             raise ValueError("not a noisescore warm-up checkpoint")
         if state.get("fingerprint") != fingerprint:

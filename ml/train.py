@@ -197,6 +197,9 @@ class Trainer:
         self.epoch = 0  # epochs completed; fit() resumes after it
         self.last_epoch_stats: EpochStats | None = None  # set before hooks' on_epoch_end
         self._generator = torch.Generator().manual_seed(config.seed)
+        # Augmentation has its own stream, so that it is saved and restored with the
+        # trainer (never the global RNG): phases resume exactly.
+        self._augment_generator = torch.Generator().manual_seed(config.seed + 1)
         self._autocast = self.device.type == "cuda"
 
     @property
@@ -209,7 +212,9 @@ class Trainer:
         )
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
-        flip = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5
+        flip = (torch.rand(x.shape[0], 1, 1, 1, generator=self._augment_generator) < 0.5).to(
+            x.device, non_blocking=True
+        )
         return torch.where(flip, x.flip(3), x)
 
     def _batches(self) -> list[torch.Tensor]:
@@ -306,6 +311,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "generator": self._generator.get_state(),
+            "augment_generator": self._augment_generator.get_state(),
             "history": [h.as_dict() for h in self.history],
         }
 
@@ -314,6 +320,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self._generator.set_state(state["generator"])
+        self._augment_generator.set_state(state["augment_generator"])
         self.epoch = int(state["epoch"])
         self.history = [EpochStats.from_dict(h) for h in state["history"]]
 

@@ -208,6 +208,7 @@ def _console_without_tracebacks() -> None:
 
     if not configuration.PROCESS_LOGGING_CONFIG:
         configuration.setup_logging()  # what the flow engine would do on its first run
+
     def without_traceback(format: Callable[[logging.LogRecord], str]) -> Callable[..., str]:
         def wrapper(record: logging.LogRecord) -> str:
             saved = record.exc_info, record.exc_text, record.stack_info

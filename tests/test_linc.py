@@ -6,8 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from noisescore.ml import clean
+from noisescore.ml.clean import PreparedData
+from noisescore.ml.data import Dataset, Split
 from noisescore.ml.linc import LiNC, alpha_gradient, linc_targets
 from noisescore.ml.train import DeviceImages, TrainConfig, Trainer
+from noisescore.settings import CleanSettings
 
 
 def autograd_alpha_grad(
@@ -140,3 +144,52 @@ def test_warmup_longer_than_training_is_rejected() -> None:
     )
     with pytest.raises(ValueError, match="warmup_epochs"):
         trainer.fit()
+
+
+# --------------------------------------------------------------------------- phases
+
+
+def _phase_setup() -> tuple[PreparedData, CleanSettings]:
+    images, true, _, _ = toy_problem()
+    images = images.repeat(4, axis=2).repeat(4, axis=3)  # 16 px: enough for the default CNN
+    ids = np.array([f"toy/{i}" for i in range(len(true))])
+    dataset = Dataset("toy", "toy.npz", 2, Split(images, true, None, ids), None, None)
+    settings = CleanSettings(
+        dataset="toy.npz", noise="symmetric:0.2", epochs=6, warmup_epochs=3, lr=1e-2,
+        batch_size=32, device="cpu", augment=True,
+    )  # fmt: skip
+    return clean.add_noise(dataset, settings), settings
+
+
+def test_phases_through_a_checkpoint_equal_one_uninterrupted_run() -> None:
+    """warm-up -> checkpoint bytes -> Otsu -> final == one LiNC fit, bit for bit."""
+    data, settings = _phase_setup()
+    fingerprint = clean.warmup_fingerprint(settings, data)
+    blob = clean.linc_warmup(data, settings).to_bytes(fingerprint=fingerprint)
+    restored = clean.Warmup.from_bytes(blob, fingerprint=fingerprint)
+    correction = clean.correct(restored)
+    run = clean.train_final(data, settings, restored, correction)
+
+    hook = LiNC(2, warmup_epochs=3)
+    whole = clean._trainer(
+        data, settings, data.train_labels, hooks=[hook], progress=False, desc="whole"
+    )
+    whole.fit()
+    for name, value in whole.model.state_dict().items():
+        assert torch.equal(value, run.model.state_dict()[name]), name
+    np.testing.assert_array_equal(hook.corrected_labels_, correction.corrected_labels)
+    assert run.linc is not None
+    np.testing.assert_array_equal(hook.trust_by_epoch_, run.linc.trust_by_epoch)
+    assert [h.loss for h in whole.history] == [h.loss for h in run.history]
+    assert [h.epoch for h in run.history] == list(range(1, 7))
+
+
+def test_warmup_checkpoint_refuses_other_settings() -> None:
+    data, settings = _phase_setup()
+    warmup = clean.linc_warmup(data, settings)
+    blob = warmup.to_bytes(fingerprint=clean.warmup_fingerprint(settings, data))
+    other = settings.model_copy(update={"lr": 1e-3})
+    with pytest.raises(ValueError, match="different settings"):
+        clean.Warmup.from_bytes(blob, fingerprint=clean.warmup_fingerprint(other, data))
+    with pytest.raises(ValueError, match="not a noisescore warm-up checkpoint"):
+        clean.Warmup.from_bytes(b"junk", fingerprint="x")

@@ -1,0 +1,209 @@
+"""Deployments of clean-labels: prefect.yaml, the Kubernetes GPU job template, and runs
+triggered through a real Prefect API and executed by a real worker / served deployment."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from noisescore.cli import main
+from noisescore.jobs import JobStore
+from noisescore.settings import CleanSettings, StoreSettings
+from noisescore.storage import open_store
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT_YAML = ROOT / "prefect.yaml"
+K8S_TEMPLATE = ROOT / "deploy" / "prefect" / "k8s-gpu-job-template.json"
+BIN = Path(sys.executable).parent
+
+
+def _deployments() -> dict[str, dict[str, Any]]:
+    config = yaml.safe_load(PREFECT_YAML.read_text())
+    return {d["name"]: d for d in config["deployments"]}
+
+
+def _placeholders(value: Any) -> set[str]:
+    if isinstance(value, str):
+        return set(re.findall(r"\{\{\s*([a-z_]+)\s*\}\}", value))
+    if isinstance(value, dict):
+        return set().union(*(_placeholders(v) for v in value.values())) if value else set()
+    if isinstance(value, list):
+        return set().union(*(_placeholders(v) for v in value)) if value else set()
+    return set()
+
+
+# --------------------------------------------------------------------------- static
+
+
+def test_prefect_yaml_deploys_the_flow_with_valid_settings() -> None:
+    from prefect.flows import load_flow_from_entrypoint
+
+    deployments = _deployments()
+    assert set(deployments) == {"local", "gpu"}
+    for deployment in deployments.values():
+        flow = load_flow_from_entrypoint(str(ROOT / deployment["entrypoint"]))
+        assert flow.name == "clean-labels"
+        CleanSettings(**deployment["parameters"]["settings"])  # the same typed settings
+    assert deployments["local"]["work_pool"]["name"] == "noisescore-local"
+    gpu = deployments["gpu"]
+    assert gpu["work_pool"]["name"] == "noisescore-gpu"
+    assert gpu["work_pool"]["job_variables"]["gpu_count"] >= 1
+    assert gpu["parameters"]["settings"]["device"] == "cuda"
+
+
+def test_k8s_job_template_requests_gpus_and_references_secrets() -> None:
+    template = json.loads(K8S_TEMPLATE.read_text())
+    variables = template["variables"]["properties"]
+    assert _placeholders(template["job_configuration"]) <= set(variables)
+    pod = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
+    assert variables["gpu_count"]["default"] == 1
+    assert pod["tolerations"] == "{{ tolerations }}"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in variables[
+        "tolerations"
+    ]["default"]
+    assert container["envFrom"] == [{"secretRef": {"name": "{{ storage_secret }}"}}]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    # Credentials only through the Secret: no env defaults are baked into the template.
+    assert container["env"] == "{{ env }}" and "default" not in variables["env"]
+
+
+# --------------------------------------------------------------------------- real API
+
+
+def _prefect(api: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    return subprocess.run(
+        [str(BIN / "prefect"), *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+
+
+def _read(api: str, path: str) -> Any:
+    response = httpx.get(f"{api}/{path}", timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+@pytest.fixture(scope="module")
+def deployed(prefect_api: str) -> str:
+    """Both work pools created from the repository's files, prefect.yaml deployed."""
+    for args in (
+        ("work-pool", "create", "noisescore-local", "--type", "process", "--overwrite"),
+        ("work-pool", "create", "noisescore-gpu", "--type", "kubernetes", "--overwrite",
+         "--base-job-template", str(K8S_TEMPLATE)),
+        ("--no-prompt", "deploy", "--all"),
+    ):  # fmt: skip
+        result = _prefect(prefect_api, *args)
+        assert result.returncode == 0, result.stdout + result.stderr
+    return prefect_api
+
+
+@pytest.mark.slow
+def test_pools_and_deployments_on_a_real_api(deployed: str) -> None:
+    pool = _read(deployed, "work_pools/noisescore-gpu")
+    assert pool["type"] == "kubernetes"
+    assert pool["base_job_template"] == json.loads(K8S_TEMPLATE.read_text())
+    gpu = _read(deployed, "deployments/name/clean-labels/gpu")
+    assert gpu["work_pool_name"] == "noisescore-gpu"
+    assert gpu["job_variables"] == {"gpu_count": 1}
+    local = _read(deployed, "deployments/name/clean-labels/local")
+    assert local["work_pool_name"] == "noisescore-local"
+    assert local["pull_steps"] == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}
+    ]
+    schema = local["parameter_openapi_schema"]
+    assert set(schema["properties"]) == {"settings", "job_id"}
+    assert "CleanSettings" in schema["definitions"]  # the UI's form is the typed settings
+
+
+@pytest.fixture
+def background(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes a test starts (worker, server); interrupted and reaped afterwards."""
+    processes: list[subprocess.Popen[bytes]] = []
+    yield processes
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+    for process in processes:
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def _start(
+    processes: list[subprocess.Popen[bytes]], args: list[str], api: str, store: Path, log: Path
+) -> None:
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "NOISESCORE_STORE_DIR": str(store),
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    env.pop("NOISESCORE_S3_ENDPOINT", None)
+    with log.open("wb") as out:
+        processes.append(
+            subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        )
+
+
+def _run_and_verify(
+    deployment: str, job_id: str, store: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [
+        "flow", "run", "--deployment", deployment, "--job-id", job_id, "--wait",
+        "--dataset", "medmnist://breastmnist", "--data-dir", str(data_dir),
+        "--epochs", "2", "--warmup-epochs", "1", "--device", "cpu",
+    ]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert f"of {deployment}: Completed" in out
+    job = JobStore(open_store(StoreSettings(store_dir=store)), job_id)
+    job.verify()
+    assert json.loads(job.get("spec.json"))["settings"]["epochs"] == 2
+
+
+@pytest.mark.slow
+def test_run_on_the_process_pool_through_a_worker(
+    deployed: str, data_dir: Path, tmp_path: Path, background: list[subprocess.Popen[bytes]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    store = tmp_path / "store"
+    worker = [str(BIN / "prefect"), "worker", "start", "--pool", "noisescore-local"]
+    _start(background, worker, deployed, store, tmp_path / "worker.log")
+    _run_and_verify("clean-labels/local", "via-worker", store, data_dir, capsys)
+
+
+@pytest.mark.slow
+def test_served_deployment_runs(
+    prefect_api: str, data_dir: Path, tmp_path: Path,
+    background: list[subprocess.Popen[bytes]], capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    store = tmp_path / "store"
+    serve = [str(BIN / "noisescore"), "flow", "serve", "--name", "served-test"]
+    _start(background, serve, prefect_api, store, tmp_path / "serve.log")
+    deadline = time.monotonic() + 120
+    while True:  # the deployment exists once `serve` has registered it
+        response = httpx.get(f"{prefect_api}/deployments/name/clean-labels/served-test")
+        if response.status_code == 200:
+            break
+        assert background[0].poll() is None, (tmp_path / "serve.log").read_text()
+        assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+        time.sleep(0.5)
+    _run_and_verify("clean-labels/served-test", "via-serve", store, data_dir, capsys)
