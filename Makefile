@@ -30,7 +30,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy noisescore ml
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy noisescore ml flows
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_train.py

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ParamSpec, TypeVar, cast
 from uuid import UUID
 
 import numpy as np
-from prefect import flow, get_run_logger, task
+from prefect import Task, flow, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -48,6 +50,8 @@ from noisescore.storage import ArtifactRef, StorageUnavailable, open_store
 
 WARMUP_CHECKPOINT = "checkpoints/warmup.pt"
 PROGRESS = "progress.json"
+P = ParamSpec("P")
+R = TypeVar("R")
 HISTOGRAM = "trust_histogram.png"
 PARITY_BATCH = 256
 
@@ -67,16 +71,24 @@ def _storage_unavailable(task: Any, task_run: Any, state: State) -> bool:
     return False
 
 
-# Declared once, used by every task that talks to the store. Delays 1, 2, 4 s (+-20%).
-STORAGE_RETRIES: dict[str, Any] = {
-    "retries": 3,
-    "retry_delay_seconds": exponential_backoff(backoff_factor=1),
-    "retry_jitter_factor": 0.2,
-    "retry_condition_fn": _storage_unavailable,
-}
-# Inputs are datasets and models: hashing them for Prefect's cache would cost more than
-# the steps. Reuse across runs is explicit (the warm-up checkpoint in the store).
-COMPUTE = {"cache_policy": NO_CACHE}
+def storage_task(name: str) -> Callable[[Callable[P, R]], Task[P, R]]:
+    """A task that talks to the store: 3 retries after 1, 2, 4 s (+-20 %), only when the
+    store is unreachable (bad data or credentials fail at once)."""
+    return task(
+        name=name,
+        retries=3,
+        retry_delay_seconds=exponential_backoff(backoff_factor=1),
+        retry_jitter_factor=0.2,
+        retry_condition_fn=_storage_unavailable,
+        cache_policy=NO_CACHE,
+    )
+
+
+def compute_task(name: str) -> Callable[[Callable[P, R]], Task[P, R]]:
+    """A task that computes. Its inputs are datasets and models: hashing them for Prefect's
+    cache would cost more than the step; reuse across runs is explicit (the warm-up
+    checkpoint in the store)."""
+    return task(name=name, cache_policy=NO_CACHE)
 
 
 # ----------------------------------------------------------------------------- progress
@@ -93,6 +105,16 @@ class Progress:
         self.metrics = JobMetrics(job.job_id)
         self.events: dict[str, dict[str, Any]] = {}
         self.artifact_id: UUID | None = None
+
+    @contextmanager
+    def tracking(self) -> Iterator[None]:
+        """The job's state in the pushed metrics: running, then succeeded or failed."""
+        try:
+            yield
+        except BaseException:
+            self.metrics.finish("failed")
+            raise
+        self.metrics.finish("succeeded")
 
     def hook(self, stage: str, n_samples: int) -> MetricsHook:
         return MetricsHook(
@@ -119,10 +141,12 @@ class Progress:
 
     def _update_artifact(self, percent: float) -> None:
         if self.artifact_id is None:
-            artifact = create_progress_artifact(
-                progress=percent, description=f"training progress of job {self.job.job_id}"
+            self.artifact_id = cast(
+                UUID,
+                create_progress_artifact(
+                    progress=percent, description=f"training progress of job {self.job.job_id}"
+                ),
             )
-            self.artifact_id = artifact if isinstance(artifact, UUID) else artifact.id  # type: ignore[union-attr]
         else:
             update_progress_artifact(self.artifact_id, progress=percent)
 
@@ -130,7 +154,7 @@ class Progress:
 # ----------------------------------------------------------------------------- tasks
 
 
-@task(name="save", **STORAGE_RETRIES, **COMPUTE)
+@storage_task("save")
 def save(job: JobStore, name: str, data: bytes) -> ArtifactRef:
     """Store one artifact of the job (atomic: a reader sees all of it or nothing)."""
     ref = job.put(name, data)
@@ -138,7 +162,7 @@ def save(job: JobStore, name: str, data: bytes) -> ArtifactRef:
     return ref
 
 
-@task(name="start-job", **STORAGE_RETRIES, **COMPUTE)
+@storage_task("start-job")
 def start_job(job: JobStore, settings: CleanSettings) -> ArtifactRef:
     """Record the job's spec; a published job is immutable, so its id cannot be reused."""
     job.store.check()  # reachable, and the bucket exists
@@ -152,7 +176,7 @@ def start_job(job: JobStore, settings: CleanSettings) -> ArtifactRef:
     return ref
 
 
-@task(name="load-dataset", retries=2, retry_condition_fn=_storage_unavailable, **COMPUTE)
+@storage_task("load-dataset")  # an s3:// dataset is downloaded
 def load_dataset(settings: CleanSettings) -> Dataset:
     """Read the dataset URI; a bad URI or file fails at once (no retry)."""
     dataset = stages.load_data(settings)
@@ -168,7 +192,7 @@ def load_dataset(settings: CleanSettings) -> Dataset:
     return dataset
 
 
-@task(name="inject-noise", **COMPUTE)
+@compute_task("inject-noise")
 def inject_noise(dataset: Dataset, settings: CleanSettings) -> stages.PreparedData:
     """Noise for evaluation runs, truth kept; without ``settings.noise`` the labels as read."""
     data = stages.add_noise(dataset, settings)
@@ -179,7 +203,7 @@ def inject_noise(dataset: Dataset, settings: CleanSettings) -> stages.PreparedDa
     return data
 
 
-@task(name="reuse-warmup", **STORAGE_RETRIES, **COMPUTE)
+@storage_task("reuse-warmup")
 def reuse_warmup(job: JobStore, fingerprint: str) -> stages.Warmup | None:
     """The stored warm-up of an earlier attempt of this job, if it matches these settings."""
     if not job.exists(WARMUP_CHECKPOINT):
@@ -196,7 +220,7 @@ def reuse_warmup(job: JobStore, fingerprint: str) -> stages.Warmup | None:
     return warmup
 
 
-@task(name="linc-warmup", **COMPUTE)
+@compute_task("linc-warmup")
 def linc_warmup(
     data: stages.PreparedData, settings: CleanSettings, progress: Progress
 ) -> stages.Warmup:
@@ -205,7 +229,7 @@ def linc_warmup(
     return stages.linc_warmup(data, settings, hooks=[hook])
 
 
-@task(name="otsu-correct", **COMPUTE)
+@compute_task("otsu-correct")
 def otsu_correct(warmup: stages.Warmup, data: stages.PreparedData, job: JobStore) -> Correction:
     """Otsu's threshold on the trust histogram; flagged samples take the prediction."""
     correction = stages.correct(warmup)
@@ -228,7 +252,7 @@ def otsu_correct(warmup: stages.Warmup, data: stages.PreparedData, job: JobStore
     return correction
 
 
-@task(name="train-final", **COMPUTE)
+@compute_task("train-final")
 def train_final(
     data: stages.PreparedData,
     settings: CleanSettings,
@@ -241,7 +265,7 @@ def train_final(
     return stages.train_final(data, settings, warmup, correction, hooks=[hook])
 
 
-@task(name="train-baseline", **COMPUTE)
+@compute_task("train-baseline")
 def train_baseline(
     data: stages.PreparedData, settings: CleanSettings, progress: Progress
 ) -> stages.TrainedRun:
@@ -250,7 +274,7 @@ def train_baseline(
     return stages.train_baseline(data, settings, hooks=[hook])
 
 
-@task(name="evaluate", **COMPUTE)
+@compute_task("evaluate")
 def evaluate(
     settings: CleanSettings,
     data: stages.PreparedData,
@@ -267,7 +291,7 @@ def evaluate(
     return report
 
 
-@task(name="export-onnx", **COMPUTE)
+@compute_task("export-onnx")
 def export_onnx(
     run: stages.TrainedRun, data: stages.PreparedData, settings: CleanSettings
 ) -> tuple[bytes, ParityReport]:
@@ -294,7 +318,7 @@ def export_onnx(
     return onnx_bytes, parity
 
 
-@task(name="publish", **STORAGE_RETRIES, **COMPUTE)
+@storage_task("publish")
 def publish(
     job: JobStore, refs: list[ArtifactRef], parity: ParityReport, report: dict[str, Any]
 ) -> dict[str, Any]:
@@ -340,33 +364,33 @@ def clean_labels(
     settings = settings or CleanSettings()
     job = JobStore(open_store(StoreSettings()), job_id or default_job_id())
     progress = Progress(job, settings)
-    refs = [start_job(job, settings)]
+    with progress.tracking():
+        refs = [start_job(job, settings)]
 
-    dataset = load_dataset(settings)
-    data = inject_noise(dataset, settings)
-    refs.append(save(job, "noisy_labels.npy", npy_bytes(data.train_labels)))
+        dataset = load_dataset(settings)
+        data = inject_noise(dataset, settings)
+        refs.append(save(job, "noisy_labels.npy", npy_bytes(data.train_labels)))
 
-    fingerprint = stages.warmup_fingerprint(settings, data)
-    warmup = reuse_warmup(job, fingerprint)
-    reused = warmup is not None
-    if warmup is None:
-        warmup = linc_warmup(data, settings, progress)
-        save(job, WARMUP_CHECKPOINT, warmup.to_bytes(fingerprint=fingerprint))
-    refs.append(save(job, "trust_by_epoch.npy", npy_bytes(warmup.trust_by_epoch)))
-    correction = otsu_correct(warmup, data, job)
+        fingerprint = stages.warmup_fingerprint(settings, data)
+        warmup = reuse_warmup(job, fingerprint)
+        reused = warmup is not None
+        if warmup is None:
+            warmup = linc_warmup(data, settings, progress)
+            save(job, WARMUP_CHECKPOINT, warmup.to_bytes(fingerprint=fingerprint))
+        refs.append(save(job, "trust_by_epoch.npy", npy_bytes(warmup.trust_by_epoch)))
+        correction = otsu_correct(warmup, data, job)
 
-    run = train_final(data, settings, warmup, correction, progress)
-    baseline = train_baseline(data, settings, progress) if settings.baseline else None
-    report = evaluate(settings, data, run, baseline)
-    report["job"] = {"id": job.job_id, "url": job.url(), "warmup_reused": reused}
-    onnx_bytes, parity = export_onnx(run, data, settings)
+        run = train_final(data, settings, warmup, correction, progress)
+        baseline = train_baseline(data, settings, progress) if settings.baseline else None
+        report = evaluate(settings, data, run, baseline)
+        report["job"] = {"id": job.job_id, "url": job.url(), "warmup_reused": reused}
+        onnx_bytes, parity = export_onnx(run, data, settings)
 
-    refs.append(save(job, "trust.csv", trust_csv(data, run.linc)))
-    refs.append(save(job, "model.pt", model_bytes(run, settings, data.dataset)))
-    refs.append(save(job, "model.onnx", onnx_bytes))
-    refs.append(save(job, "report.json", json_bytes(report)))
-    progress.metrics.finish("succeeded")
-    return publish(job, refs, parity, report)
+        refs.append(save(job, "trust.csv", trust_csv(data, run.linc)))
+        refs.append(save(job, "model.pt", model_bytes(run, settings, data.dataset)))
+        refs.append(save(job, "model.onnx", onnx_bytes))
+        refs.append(save(job, "report.json", json_bytes(report)))
+        return publish(job, refs, parity, report)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -410,7 +434,7 @@ def trust_histogram_png(trust: np.ndarray, threshold: float, flipped: np.ndarray
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    bins = np.linspace(0.0, 1.0, 51)
+    bins = [i / 50 for i in range(51)]
     if flipped is not None:
         ax.hist(
             [trust[~flipped], trust[flipped]],

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pydantic import ValidationError
 
@@ -19,6 +19,8 @@ from noisescore import __version__
 from noisescore.jobs import validate_job_id
 
 if TYPE_CHECKING:
+    from prefect.client.schemas.objects import FlowRun
+
     from noisescore.settings import CleanSettings
 
 EXIT_USAGE = 2
@@ -264,7 +266,10 @@ def _flow_run(args: argparse.Namespace) -> int:
     parameters: dict[str, Any] = {"settings": settings.model_dump(mode="json", exclude_unset=True)}
     if args.job_id is not None:
         parameters["job_id"] = args.job_id
-    run = run_deployment(args.deployment, parameters=parameters, timeout=None if args.wait else 0)
+    run = cast(
+        "FlowRun",
+        run_deployment(args.deployment, parameters=parameters, timeout=None if args.wait else 0),
+    )
     state = run.state.name if run.state else "unknown"
     print(f"flow run {run.name} ({run.id}) of {args.deployment}: {state}")
     print(f"job id   {args.job_id or run.id}")

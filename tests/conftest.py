@@ -3,12 +3,16 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 if TYPE_CHECKING:
     from noisescore.settings import StoreSettings
@@ -157,3 +161,76 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield str(PREFECT_API_URL.value())
+
+
+# --------------------------------------------------------------------------- Pushgateway
+# No Pushgateway binary is installable from PyPI (the real one is a Go program released on
+# GitHub), so the peer is a small http.server speaking the part of its API a push uses:
+# PUT/POST/DELETE on /metrics/job/<job>/<label>/<value>..., answering 200 (202 for DELETE).
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    body: bytes
+    content_type: str
+
+
+@dataclass
+class Gateway:
+    """The running test server: its address and every request it received."""
+
+    address: str  # host:port, as NOISESCORE_PUSHGATEWAY takes it
+    requests: list[Request] = field(default_factory=list)
+    status: int = 200  # what PUT/POST answer; a test may set an error status
+
+    def samples(self, index: int = -1) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """The samples of one received body, keyed by (name, sorted labels)."""
+        text = self.requests[index].body.decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+
+@pytest.fixture
+def gateway() -> Iterator[Gateway]:
+    state = Gateway(address="")
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def _record(self, status: int) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            with lock:
+                state.requests.append(
+                    Request(self.command, self.path, body, self.headers.get("Content-Type", ""))
+                )
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_PUT(self) -> None:
+            self._record(state.status)
+
+        def do_POST(self) -> None:
+            self._record(state.status)
+
+        def do_DELETE(self) -> None:
+            self._record(202)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass  # keep pytest's output clean
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    state.address = f"127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

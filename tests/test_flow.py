@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import S3Server
+from conftest import Gateway, S3Server
 from prefect.states import State
 from pydantic import SecretStr
 
@@ -232,10 +232,27 @@ def test_bad_dataset_uri_fails_fast(tmp_path: Path, data_dir: Path) -> None:
         _settings(data_dir, dataset="http://example.org/x.npz")
 
 
+def _pushed_state(gateway: Gateway, job_id: str) -> str:
+    """The job state in the last push of ``job_id``'s group."""
+    path = f"/metrics/job/noisescore_clean/job_id/{job_id}"
+    pushes = [r for r in gateway.requests if r.path == path]
+    assert pushes, [r.path for r in gateway.requests]
+    index = gateway.requests.index(pushes[-1])
+    states = {
+        dict(labels)["state"]: value
+        for (name, labels), value in gateway.samples(index).items()
+        if name == "noisescore_job_state"
+    }
+    (state,) = [k for k, v in states.items() if v == 1.0]
+    return state
+
+
 def test_missing_dataset_fails_without_retries(
-    tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, prefect_api: str
-) -> None:
+    tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, prefect_api: str,
+    gateway: Gateway,
+) -> None:  # fmt: skip
     _use_store(monkeypatch, StoreSettings(store_dir=tmp_path / "store"))
+    monkeypatch.setenv("NOISESCORE_PUSHGATEWAY", gateway.address)
     start = time.monotonic()
     state = clean_labels(
         settings=_settings(data_dir, dataset="medmnist://nosuchmnist"),
@@ -252,13 +269,15 @@ def test_missing_dataset_fails_without_retries(
     assert not JobStore(
         open_store(StoreSettings(store_dir=tmp_path / "store")), "missing-data"
     ).is_complete()
+    assert _pushed_state(gateway, "missing-data") == "failed"
 
 
 def test_local_store_through_the_cli(
     tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, gateway: Gateway,
 ) -> None:  # fmt: skip
     monkeypatch.delenv("NOISESCORE_S3_ENDPOINT", raising=False)
+    monkeypatch.setenv("NOISESCORE_PUSHGATEWAY", gateway.address)
     store = tmp_path / "artifacts"
     argv = [
         "clean", "--dataset", "medmnist://breastmnist", "--data-dir", str(data_dir),
@@ -273,3 +292,14 @@ def test_local_store_through_the_cli(
     assert not list(job_dir.rglob(".*.tmp"))
     assert main(["verify", "local-cli", "--store-dir", str(store)]) == 0
     shutil.rmtree(store)
+    # Progress went to the Pushgateway: one push per epoch, then the final state.
+    assert _pushed_state(gateway, "local-cli") == "succeeded"
+    samples = gateway.samples()
+    epoch = {
+        dict(labels)["stage"]: v
+        for (n, labels), v in samples.items()
+        if n == "noisescore_job_epoch"
+    }
+    assert epoch == {"warmup": 1.0, "final": 2.0}
+    trust = [v for (n, _), v in samples.items() if n == "noisescore_job_trust_mean"]
+    assert trust and 0.0 < trust[0] < 1.0
