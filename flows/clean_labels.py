@@ -434,7 +434,10 @@ def trust_histogram_png(trust: np.ndarray, threshold: float, flipped: np.ndarray
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    bins = [i / 50 for i in range(51)]
+    # Trust after a short warm-up often lives in a narrow band below 1: zoom onto it.
+    low = min(float(np.min(trust)), threshold)
+    low = max(0.0, low - 0.05 * (1.0 - low))
+    bins = [low + (1.0 - low) * i / 60 for i in range(61)]
     if flipped is not None:
         ax.hist(
             [trust[~flipped], trust[flipped]],
@@ -446,6 +449,7 @@ def trust_histogram_png(trust: np.ndarray, threshold: float, flipped: np.ndarray
         ax.legend(loc="upper left", fontsize=8)
     else:
         ax.hist(trust, bins=bins, color="#4c72b0")
+    ax.set_xlim(low, 1.0)
     ax.axvline(threshold, color="black", linestyle="--", linewidth=1)
     ax.text(threshold, ax.get_ylim()[1] * 0.95, f" Otsu {threshold:.3f}", va="top", fontsize=8)
     ax.set_xlabel("trust (alpha) after warm-up")

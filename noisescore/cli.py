@@ -192,17 +192,16 @@ def _settings(args: argparse.Namespace) -> CleanSettings:
     return CleanSettings(**{k: v for k, v in vars(args).items() if k not in _SETTINGS_EXCLUDE})
 
 
-def _prefect_env(*, quiet: bool = False) -> None:
+def _prefect_env() -> None:
     """Defaults for Prefect, set before it is imported (an explicit env var wins)."""
     # The ephemeral server's telemetry write races its own migrations on first start.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    if quiet:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
-def _console_without_tracebacks() -> None:
+def _quiet_console(*, quiet: bool) -> None:
     """A failing step's traceback stays in the flow run's logs (Prefect API/UI); on the
-    terminal, Prefect's one-line log and our error message say what went wrong."""
+    terminal, Prefect's one-line log and our error message say what went wrong. With
+    ``quiet`` the terminal shows warnings only; the Prefect API still gets every log."""
     import logging
 
     from prefect.logging import configuration
@@ -226,6 +225,8 @@ def _console_without_tracebacks() -> None:
     for logger in loggers:
         for handler in getattr(logger, "handlers", []):
             formatter = handler.formatter
+            if isinstance(handler, PrefectConsoleHandler) and quiet:
+                handler.setLevel(logging.WARNING)
             if (
                 isinstance(handler, PrefectConsoleHandler)
                 and formatter is not None
@@ -239,7 +240,7 @@ def _clean(args: argparse.Namespace) -> int:
     if "store_dir" in args:
         os.environ["NOISESCORE_STORE_DIR"] = str(args.store_dir)
     settings = _settings(args)  # validate flags before Prefect starts
-    _prefect_env(quiet=args.quiet)
+    _prefect_env()
     from noisescore.flows.clean_labels import clean_labels
     from noisescore.jobs import JobStore
     from noisescore.settings import StoreSettings
@@ -248,7 +249,7 @@ def _clean(args: argparse.Namespace) -> int:
     if args.job_id is not None:
         validate_job_id(args.job_id)
     open_store(StoreSettings()).check()  # an unusable store fails before any training
-    _console_without_tracebacks()
+    _quiet_console(quiet=args.quiet)
     summary = clean_labels(settings=settings, job_id=args.job_id)
     job = JobStore(open_store(StoreSettings()), summary["job_id"])
     report = json.loads(job.get("report.json"))  # verified against the manifest
