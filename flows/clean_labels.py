@@ -368,19 +368,20 @@ def clean_labels(
         refs = [start_job(job, settings)]
 
         dataset = load_dataset(settings)
-        data = inject_noise(dataset, settings)
+        data: stages.PreparedData = inject_noise(dataset, settings)
         refs.append(save(job, "noisy_labels.npy", npy_bytes(data.train_labels)))
 
         fingerprint = stages.warmup_fingerprint(settings, data)
-        warmup = reuse_warmup(job, fingerprint)
+        warmup: stages.Warmup | None = reuse_warmup(job, fingerprint)
         reused = warmup is not None
         if warmup is None:
-            warmup = linc_warmup(data, settings, progress)
-            save(job, WARMUP_CHECKPOINT, warmup.to_bytes(fingerprint=fingerprint))
+            fresh: stages.Warmup = linc_warmup(data, settings, progress)
+            save(job, WARMUP_CHECKPOINT, fresh.to_bytes(fingerprint=fingerprint))
+            warmup = fresh
         refs.append(save(job, "trust_by_epoch.npy", npy_bytes(warmup.trust_by_epoch)))
         correction = otsu_correct(warmup, data, job)
 
-        run = train_final(data, settings, warmup, correction, progress)
+        run: stages.TrainedRun = train_final(data, settings, warmup, correction, progress)
         baseline = train_baseline(data, settings, progress) if settings.baseline else None
         report = evaluate(settings, data, run, baseline)
         report["job"] = {"id": job.job_id, "url": job.url(), "warmup_reused": reused}
