@@ -86,3 +86,45 @@ class StoreSettings(BaseSettings):
     s3_secure: bool = Field(False, description="TLS to the endpoint (https)")
     s3_region: str = "us-east-1"
     store_dir: Path = Field(Path("artifacts"), description="local store root (no endpoint)")
+
+
+class ServiceSettings(BaseSettings):
+    """The gRPC service (``noisescore serve``): addresses, auth, TLS, limits.
+
+    ``NOISESCORE_AUTH_TOKENS`` holds comma-separated bearer tokens; when set, every RPC
+    except health checking needs ``authorization: Bearer <token>``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="NOISESCORE_", extra="ignore")
+
+    grpc_addr: str = Field("127.0.0.1:50051", description="host:port the gRPC server binds")
+    metrics_addr: str | None = Field(
+        "127.0.0.1:9464", description="host:port of the Prometheus /metrics endpoint; empty = off"
+    )
+    auth_tokens: SecretStr | None = Field(None, description="comma-separated bearer tokens")
+    tls_cert: Path | None = Field(None, description="server certificate (PEM); enables TLS")
+    tls_key: Path | None = Field(None, description="server private key (PEM)")
+    tls_client_ca: Path | None = Field(None, description="CA of client certificates: mTLS")
+    rpc_threads: int = Field(16, ge=1, le=1024, description="concurrent RPCs")
+    job_workers: int = Field(1, ge=1, le=64, description="cleaning jobs run at once")
+    max_queue: int = Field(16, ge=0, le=10_000, description="queued jobs before RESOURCE_EXHAUSTED")
+    max_batch: int = Field(1024, ge=1, le=65_536, description="images per Predict/ScoreLabels")
+    max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="gRPC message limit")
+    prefect_deployment: str = Field(
+        "clean-labels/local", description="deployment that runs jobs when PREFECT_API_URL is set"
+    )
+    shutdown_grace: float = Field(10.0, ge=0, description="seconds in-flight RPCs may finish")
+
+    def tokens(self) -> list[str]:
+        """The configured bearer tokens (empty: authentication is off)."""
+        if self.auth_tokens is None:
+            return []
+        return [t.strip() for t in self.auth_tokens.get_secret_value().split(",") if t.strip()]
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServiceSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key")
+        return self
