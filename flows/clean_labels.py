@@ -283,6 +283,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """The report: test metrics and, where the truth is known, detection and correction."""
     report = stages.build_report(settings, data, run, baseline)
+    report["linc"]["suspect_cutoff"] = stages.calibrate_suspect_cutoff(data, run)
     test = report.get("test") or {}
     if test:
         get_run_logger().info(
@@ -326,6 +327,7 @@ def publish(
     manifest_ref = job.write_manifest(
         refs,
         onnx_parity=parity.as_dict(),
+        suspect_cutoff=report["linc"]["suspect_cutoff"],
         noisescore_version=__version__,
         flow_run_id=str(flow_run.id) if flow_run.id else None,
     )

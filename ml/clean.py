@@ -30,6 +30,7 @@ from noisescore.ml.metrics import (
     correction_metrics,
     detection_auroc,
     detection_metrics,
+    suspect_cutoff,
 )
 from noisescore.ml.models import create_model
 from noisescore.ml.noise import NoiseResult, inject_noise
@@ -375,6 +376,19 @@ def predict_split(run: TrainedRun, split: Split) -> np.ndarray:
         split.images, run.images.device, mean=run.images.mean_list, std=run.images.std_list
     )
     return run.trainer.predict_proba(images)
+
+
+def calibrate_suspect_cutoff(data: PreparedData, run: TrainedRun) -> float:
+    """The label-quality cut-off that reproduces LiNC's flags with the final model.
+
+    Label quality of a sample is the final model's probability of its observed label;
+    the cut-off is the threshold where "quality < cut-off" best matches (F1) the samples
+    LiNC flagged on the training set. New labelled data scored below it by the service's
+    ``ScoreLabels`` is suspect for the same reason LiNC would have flagged it.
+    """
+    assert run.linc is not None
+    probabilities = predict_split(run, data.dataset.train)
+    return suspect_cutoff(probabilities, run.linc.observed_labels, run.linc.flagged)
 
 
 def _test_metrics(run: TrainedRun, dataset: Dataset) -> dict[str, Any] | None:

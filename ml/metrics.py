@@ -116,3 +116,58 @@ def correction_metrics(
         "label_accuracy_before": float((observed == true).mean()),
         "label_accuracy_after": float((corrected == true).mean()),
     }
+
+
+def suspect_cutoff(probabilities: np.ndarray, labels: np.ndarray, flagged: np.ndarray) -> float:
+    """A job's calibrated cut-off on label quality, learned from LiNC's flags.
+
+    LiNC flags training labels with its trust scores, which need the training run; at
+    serving time only the model's probabilities are left. This finds the threshold ``c``
+    on ``label_quality = p(given label)`` such that ``label_quality < c`` best reproduces
+    LiNC's flags on the training set: the maximum F1 score of ``(label_quality < c)``
+    against ``flagged`` over the candidates ``0``, ``1`` and the midpoints between
+    consecutive distinct label qualities. Ties go to the smallest ``c`` (fewest flags).
+    When the flags are exactly a set of lowest-quality labels the result reproduces
+    them exactly. Deterministic: no randomness, no dependence on input order.
+
+    Parameters
+    ----------
+    probabilities : numpy.ndarray
+        float ``(N, K)`` probabilities of the job's exported model on its training images.
+    labels : numpy.ndarray
+        ``(N,)`` the given (noisy) training labels in ``[0, K)``.
+    flagged : numpy.ndarray
+        bool ``(N,)``, ``True`` where LiNC flagged the label as noisy.
+
+    Returns
+    -------
+    float
+        The cut-off ``c`` in ``[0, 1]`` to pass to :func:`score_labels`; ``0.0`` (nothing
+        is ever suspect) when nothing is flagged.
+    """
+    probs = np.asarray(probabilities, dtype=np.float64)
+    if probs.ndim != 2:
+        raise ValueError(f"probabilities must have shape (N, K), got {probs.shape}")
+    n, k = probs.shape
+    given = np.asarray(labels)
+    if given.shape != (n,) or (given.size and not (given.min() >= 0 and given.max() < k)):
+        raise ValueError(f"labels must be (N,) = ({n},) integers in [0, {k})")
+    given = given.astype(np.int64)
+    flags = np.asarray(flagged)
+    if flags.shape != (n,):
+        raise ValueError(f"flagged must have shape ({n},), got {flags.shape}")
+    flags = flags.astype(bool)
+    positives = int(flags.sum())
+    if positives == 0:
+        return 0.0
+    quality = probs[np.arange(n), given]
+    order = np.argsort(quality, kind="stable")
+    sorted_quality = quality[order]
+    distinct = np.unique(sorted_quality)
+    candidates = np.unique(np.concatenate([[0.0, 1.0], (distinct[:-1] + distinct[1:]) / 2]))
+    # For each c: predicted = #(q < c); true positives = flagged among those.
+    predicted = np.searchsorted(sorted_quality, candidates, side="left")
+    flagged_prefix = np.concatenate([[0], np.cumsum(flags[order])])
+    true_pos = flagged_prefix[predicted]
+    f1 = 2.0 * true_pos / (predicted + positives)
+    return float(candidates[int(np.argmax(f1))])  # argmax: first = smallest c on ties

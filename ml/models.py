@@ -83,6 +83,15 @@ class ModelError(ValueError):
     """A model name, checkpoint or configuration that cannot be built."""
 
 
+def check_model_name(name: str) -> str:
+    """``name`` if timm can build it, else :class:`ModelError` with close names."""
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=6, cutoff=0.6)
+        hint = f" Close names: {', '.join(close)}." if close else ""
+        raise ModelError(f"unknown model {name!r}: not in timm's registry.{hint}")
+    return name
+
+
 def _adapt_resnet_stem(model: nn.Module, in_chans: int) -> None:
     conv1 = model.conv1  # type: ignore[attr-defined]
     if not isinstance(conv1, nn.Conv2d):  # deep-stem variants (resnet18d...) keep theirs
@@ -129,10 +138,7 @@ def create_model(
     torch.nn.Module
         The model, in training mode, on the CPU.
     """
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=6, cutoff=0.6)
-        hint = f" Close names: {', '.join(close)}." if close else ""
-        raise ModelError(f"unknown model {name!r}: not in timm's registry.{hint}")
+    check_model_name(name)
     kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans}
     is_vit = name.startswith("vit_")
     if is_vit or _accepts(name, "img_size"):

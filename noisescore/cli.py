@@ -21,6 +21,7 @@ from noisescore.jobs import validate_job_id
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
 
+    from noisescore.client import NoiseScoringClient
     from noisescore.settings import CleanSettings
 
 EXIT_USAGE = 2
@@ -139,6 +140,83 @@ def _add_verify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--store-dir", default=argparse.SUPPRESS, help="local store root")
 
 
+def _add_client_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--server",
+        default=os.environ.get("NOISESCORE_SERVER", "127.0.0.1:50051"),
+        help="host:port of noisescore serve (default $NOISESCORE_SERVER or 127.0.0.1:50051)",
+    )
+    p.add_argument(
+        "--token",
+        default=os.environ.get("NOISESCORE_TOKEN"),
+        help="bearer token (default $NOISESCORE_TOKEN)",
+    )
+    p.add_argument("--tls-ca", default=os.environ.get("NOISESCORE_TLS_CA"), help="server CA (TLS)")
+
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the gRPC service noisescore.v1.NoiseScoring",
+        description="Serve the gRPC API (health checking and reflection included) and "
+        "Prometheus metrics. Settings come from NOISESCORE_* variables (auth tokens, TLS, "
+        "limits: see docs/SERVICE.md); jobs run through the clean-labels flow.",
+    )
+    p.add_argument("--grpc-addr", help="host:port to bind (default 127.0.0.1:50051)")
+    p.add_argument("--metrics-addr", help="host:port of /metrics (default 127.0.0.1:9464)")
+    p.add_argument("--store-dir", help="local artifact store when no S3 endpoint is set")
+
+
+def _add_jobs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("jobs", help="submit, inspect, watch or cancel jobs on a server")
+    verbs = p.add_subparsers(dest="verb", required=True)
+    submit = verbs.add_parser("submit", help="start a cleaning job")
+    submit.add_argument("--dataset", required=True, help="medmnist://NAME, file:///…, s3://…")
+    submit.add_argument("--model", default="")
+    submit.add_argument("--epochs", type=int, default=0)
+    submit.add_argument("--warmup-epochs", type=int, default=0)
+    submit.add_argument("--alpha-lr", type=float, default=0.0)
+    submit.add_argument("--alpha-wd", type=float, default=0.0)
+    submit.add_argument("--seed", type=int, default=None)
+    submit.add_argument("--noise", default=None, help="KIND:RATE injected for evaluation")
+    submit.add_argument("--device", default="", choices=["", "auto", "cpu", "cuda"])
+    submit.add_argument("--idempotency-key", default="", help="same key, same job")
+    submit.add_argument("--wait", action="store_true", help="wait until the job ends")
+    for name, text in (
+        ("get", "show a job"),
+        ("watch", "stream a job's progress until it ends"),
+        ("cancel", "cancel a queued or running job"),
+    ):
+        verb = verbs.add_parser(name, help=text)
+        verb.add_argument("job", metavar="JOB", help="job id or jobs/<id>")
+    listing = verbs.add_parser("list", help="list jobs, newest first")
+    listing.add_argument(
+        "--state", choices=["QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"]
+    )
+    for verb in verbs.choices.values():
+        _add_client_flags(verb)
+
+
+def _add_results(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "corrections", help="a finished job's trust, flag and corrected label per sample (CSV)"
+    )
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("--only-flagged", action="store_true")
+    _add_client_flags(p)
+    p = sub.add_parser(
+        "score",
+        help="label quality of new labelled images under a job's model (CSV)",
+        description="Score IMAGE=LABEL pairs (PNG/JPEG files) or a CSV manifest "
+        "(path,label) with the job's ONNX model; suspect=1 marks a label below the job's "
+        "calibrated cut-off.",
+    )
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("pairs", nargs="*", metavar="IMAGE=LABEL")
+    p.add_argument("--manifest", help="CSV with columns path,label (paths relative to it)")
+    _add_client_flags(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="noisescore", description="Find and correct noisy labels in medical images."
@@ -148,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_clean(sub)
     _add_flow(sub)
     _add_verify(sub)
+    _add_serve(sub)
+    _add_jobs(sub)
+    _add_results(sub)
     return parser
 
 
@@ -318,9 +399,141 @@ def _format_validation(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    for flag, env in (("grpc_addr", "GRPC_ADDR"), ("metrics_addr", "METRICS_ADDR")):
+        if getattr(args, flag):
+            os.environ[f"NOISESCORE_{env}"] = getattr(args, flag)
+    if args.store_dir:
+        os.environ["NOISESCORE_STORE_DIR"] = args.store_dir
+    from noisescore.service.app import create_app
+    from noisescore.service.server import serve_forever
+    from noisescore.settings import ServiceSettings
+
+    settings = ServiceSettings()
+    app = create_app(settings).start()
+    where = f"gRPC on {settings.grpc_addr.rsplit(':', 1)[0]}:{app.port}"
+    if app.metrics_port and settings.metrics_addr:
+        host = settings.metrics_addr.rsplit(":", 1)[0]
+        where += f", metrics on http://{host}:{app.metrics_port}/metrics"
+    print(f"noisescore serving {where}", flush=True)
+    try:
+        serve_forever(app.service)
+    finally:
+        app.stop()
+    return 0
+
+
+def _client(args: argparse.Namespace) -> NoiseScoringClient:
+    from noisescore.client import NoiseScoringClient
+
+    return NoiseScoringClient(args.server, token=args.token, tls_ca=args.tls_ca)
+
+
+def _job_text(job: Any) -> str:
+    from google.protobuf.json_format import MessageToJson
+
+    return MessageToJson(job, preserving_proto_field_name=True, indent=2)
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    from noisescore.client import TERMINAL
+
+    with _client(args) as client:
+        if args.verb == "submit":
+            job = client.submit(
+                args.dataset, model=args.model, epochs=args.epochs,
+                warmup_epochs=args.warmup_epochs, alpha_lr=args.alpha_lr, alpha_wd=args.alpha_wd,
+                seed=args.seed, noise=args.noise, idempotency_key=args.idempotency_key,
+                device=args.device,
+            )  # fmt: skip
+            if args.wait:
+                job = client.wait(job.name)
+            print(_job_text(job))
+            return 0 if not args.wait or job.state == job.SUCCEEDED else 1
+        if args.verb == "get":
+            print(_job_text(client.get(args.job)))
+        elif args.verb == "list":
+            for job in client.list(state=args.state):
+                created = job.create_time.ToJsonString() if job.HasField("create_time") else ""
+                print(f"{job.name}\t{job.State.Name(job.state)}\t{created}\t{job.spec.dataset_uri}")
+        elif args.verb == "watch":
+            for event in client.watch(args.job):
+                state = event.State.Name(event.state)
+                if event.stage:
+                    print(
+                        f"{state} {event.stage} epoch {event.epoch}/{event.epochs} "
+                        f"loss {event.loss:.4f} trust {event.trust_mean:.4f} "
+                        f"flagged {event.flagged_fraction:.3f}",
+                        flush=True,
+                    )
+                else:
+                    print(state, flush=True)
+                if event.state in TERMINAL and not event.stage:
+                    break
+        elif args.verb == "cancel":
+            print(_job_text(client.cancel(args.job)))
+    return 0
+
+
+def _corrections(args: argparse.Namespace) -> int:
+    import csv
+
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(["index", "sample_id", "observed_label", "trust", "flagged", "corrected_label"])
+    with _client(args) as client:
+        for c in client.corrections(args.job, only_flagged=args.only_flagged):
+            writer.writerow(
+                [c.index, c.sample_id, c.observed_label, f"{c.trust:.6f}", int(c.flagged),
+                 c.corrected_label]
+            )  # fmt: skip
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    import csv
+    from pathlib import Path
+
+    items: list[tuple[str, Path, int]] = []
+    for pair in args.pairs:
+        path, sep, label = pair.rpartition("=")
+        if not sep or not label.lstrip("-").isdigit():
+            raise ValueError(f"expected IMAGE=LABEL, got {pair!r}")
+        items.append((path, Path(path), int(label)))
+    if args.manifest:
+        manifest = Path(args.manifest)
+        with manifest.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                items.append((row["path"], manifest.parent / row["path"], int(row["label"])))
+    if not items:
+        raise ValueError("give IMAGE=LABEL pairs or --manifest")
+    for _, path, _ in items:
+        if not path.is_file():
+            raise ValueError(f"image {path} not found")
+    with _client(args) as client:
+        response = client.score(
+            args.job,
+            [path.read_bytes() for _, path, _ in items],
+            [label for *_, label in items],
+            sample_ids=[name for name, *_ in items],
+        )
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(
+        ["sample_id", "label", "label_quality", "normalized_margin", "predicted_label", "suspect"]
+    )
+    for s in response.scores:
+        writer.writerow(
+            [s.sample_id, s.label, f"{s.label_quality:.6f}", f"{s.normalized_margin:.6f}",
+             s.predicted_label, int(s.suspect)]
+        )  # fmt: skip
+    print(f"# suspect cut-off {response.suspect_cutoff:.6f}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import grpc
+
     from noisescore.storage import StorageError
 
     commands = {
@@ -328,12 +541,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("flow", "run"): _flow_run,
         ("flow", "serve"): _flow_serve,
         ("verify", None): _verify,
+        ("serve", None): _serve,
+        ("jobs", getattr(args, "verb", None)): _jobs,
+        ("corrections", None): _corrections,
+        ("score", None): _score,
     }
     command = commands[(args.command, getattr(args, "verb", None))]
     try:
         return command(args)
     except ValidationError as err:
         print(f"noisescore: error: {_format_validation(err)}", file=sys.stderr)
+    except grpc.RpcError as err:  # the server's canonical code and message
+        code = err.code().name if err.code() else "UNKNOWN"
+        print(f"noisescore: error: {code}: {err.details()}", file=sys.stderr)
+        return 1
     except StorageError as err:  # unreachable store, missing or corrupt artifact
         print(f"noisescore: storage error: {err}", file=sys.stderr)
         return 1

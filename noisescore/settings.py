@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from noisescore.ml.models import DEFAULT_MODEL
+from noisescore.ml.models import DEFAULT_MODEL, check_model_name
 from noisescore.ml.noise import parse_noise_spec
 
 
@@ -51,6 +51,11 @@ class CleanSettings(BaseSettings):
         from noisescore.uris import check_dataset_uri  # syntax only: fails before any work
 
         return check_dataset_uri(value)
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        return check_model_name(value)
 
     @field_validator("noise")
     @classmethod

@@ -1,0 +1,399 @@
+"""Cleaning jobs behind the service: submit, track, cancel, read back.
+
+A job's record lives in the artifact store next to its artifacts (``jobs/<id>/job.json``),
+so a restarted service still answers for finished jobs. Embedded mode (no Prefect API
+configured) runs each job as ``noisescore clean --job-id <id>`` in a child process — the
+same ``clean-labels`` flow as everywhere — in a bounded pool of ``job_workers``; a child
+process can be cancelled (terminated) and cannot take the server down with it.
+
+Jobs that a previous service process left QUEUED or RUNNING are marked FAILED on start,
+with the reason; a job whose manifest exists is SUCCEEDED whoever ran it (a job made by
+``noisescore clean`` on the same store is readable too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from noisescore.jobs import IncompleteJob, JobStore, list_jobs, new_job_id
+from noisescore.storage import ArtifactNotFound, ArtifactStore, StorageError
+
+logger = logging.getLogger(__name__)
+
+RECORD = "job.json"
+LOG = "job.log"
+IDEMPOTENCY_PREFIX = "idempotency/"
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
+    "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED",
+)  # fmt: skip
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+
+
+class JobNotFound(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class QueueFull(RuntimeError):
+    """More jobs are waiting than the service accepts (``max_queue``)."""
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class JobRecord:
+    """What the service knows of a job; stored as ``jobs/<id>/job.json``."""
+
+    job_id: str
+    state: str
+    spec: dict[str, Any]
+    create_time: str
+    start_time: str | None = None
+    end_time: str | None = None
+    error: str = ""
+    idempotency_key: str = ""
+    owner: str = ""  # the service process that runs it (restart detection)
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), indent=2).encode() + b"\n"
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> JobRecord:
+        fields = json.loads(data)
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in fields.items() if k in known})
+
+
+@dataclass
+class _Running:
+    process: subprocess.Popen[bytes] | None = None
+    cancelled: bool = False
+
+
+@dataclass
+class JobManager:
+    """Submit and track cleaning jobs whose state and results live in ``store``.
+
+    Parameters
+    ----------
+    store : ArtifactStore
+    workers : int
+        Jobs run at once.
+    max_queue : int
+        Jobs that may wait; one more is :class:`QueueFull`.
+    command : callable, optional
+        ``command(job_id, args) -> argv`` of the child process; default ``noisescore
+        clean`` with this interpreter.
+    env : dict, optional
+        Extra environment of the child processes (the store settings are inherited).
+    """
+
+    store: ArtifactStore
+    workers: int = 1
+    max_queue: int = 16
+    command: Callable[[str, list[str]], list[str]] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    on_change: Callable[[], None] | None = None
+
+    def __post_init__(self) -> None:
+        self.instance = uuid.uuid4().hex
+        self._lock = threading.RLock()
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="job")
+        self._running: dict[str, _Running] = {}
+        self._records: dict[str, JobRecord] = {}
+        self._closed = False
+        self._recover()
+
+    # ------------------------------------------------------------------- records
+
+    def _job(self, job_id: str) -> JobStore:
+        return JobStore(self.store, job_id)
+
+    def _save(self, record: JobRecord) -> None:
+        self._job(record.job_id).put(RECORD, record.to_bytes(), content_type="application/json")
+        with self._lock:
+            self._records[record.job_id] = record
+        if self.on_change is not None:
+            self.on_change()
+
+    def _load(self, job_id: str) -> JobRecord | None:
+        job = self._job(job_id)
+        try:
+            record = JobRecord.from_bytes(job.get(RECORD, verify=False))
+        except ArtifactNotFound:
+            record = None
+        except (ValueError, TypeError) as err:
+            logger.warning("job %s: unreadable %s (%s)", job_id, RECORD, err)
+            record = None
+        if record is None:
+            complete = job.is_complete()
+            if not complete and not job.exists("spec.json"):
+                return None
+            # A job made outside the service (noisescore clean, a deployment) on this store.
+            spec = self._spec_of(job)
+            record = JobRecord(
+                job_id, SUCCEEDED if complete else FAILED, spec.get("settings", {}),
+                create_time=spec.get("created") or _now(),
+            )  # fmt: skip
+            if not complete:
+                record.error = "not started by this service and not published (yet)"
+            return record
+        if not record.terminal and job.is_complete():
+            record.state, record.end_time = SUCCEEDED, record.end_time or _now()
+        if record.state == SUCCEEDED and not job.is_complete():
+            record.state, record.error = FAILED, "job.json says SUCCEEDED but there is no manifest"
+        return record
+
+    def _spec_of(self, job: JobStore) -> dict[str, Any]:
+        """``spec.json`` of a job (``settings``, ``created``…), empty if unreadable."""
+        try:
+            return dict(json.loads(job.get("spec.json", verify=False)))
+        except (StorageError, ValueError):
+            return {}
+
+    def _recover(self) -> None:
+        """Fail what a previous service process left unfinished."""
+        for job_id in list_jobs(self.store):
+            record = self._load(job_id)
+            if record is None:
+                continue
+            if not record.terminal and not self._job(job_id).is_complete():
+                was = record.state.lower()
+                record.state, record.end_time = FAILED, _now()
+                record.error = (
+                    f"the service stopped while the job was {was}; resubmit it "
+                    "(a resubmission reuses the stored warm-up when the settings match)"
+                )
+                self._save(record)
+            else:
+                with self._lock:
+                    self._records[job_id] = record
+
+    # ------------------------------------------------------------------- API
+
+    def get(self, job_id: str) -> JobRecord:
+        with self._lock:
+            record = self._records.get(job_id)
+        if record is None or not record.terminal:
+            loaded = self._load(job_id)
+            if loaded is not None and (record is None or loaded.terminal):
+                record = loaded
+                with self._lock:
+                    self._records[job_id] = record
+        if record is None:
+            raise JobNotFound(f"job {job_id} not found")
+        return record
+
+    def list(self, state: str | None = None) -> list[JobRecord]:
+        """All jobs, newest first (by creation time, then id)."""
+        ids = set(list_jobs(self.store))
+        with self._lock:
+            ids |= set(self._records)
+        records = []
+        for job_id in ids:
+            try:
+                records.append(self.get(job_id))
+            except JobNotFound:
+                continue
+        if state is not None:
+            records = [r for r in records if r.state == state]
+        return sorted(records, key=lambda r: (r.create_time, r.job_id), reverse=True)
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            records = list(self._records.values())
+        return {s: sum(r.state == s for r in records) for s in STATES}
+
+    def queue_depth(self) -> int:
+        with self._lock:
+            return sum(r.state == QUEUED for r in self._records.values())
+
+    def submit(self, spec: dict[str, Any], *, idempotency_key: str = "") -> JobRecord:
+        """Queue a job for ``spec`` (CleanSettings fields); the same key gives the same job."""
+        with self._lock:
+            if self._closed:
+                raise QueueFull("the service is shutting down")
+            if idempotency_key:
+                existing = self._by_key(idempotency_key)
+                if existing is not None:
+                    return self.get(existing)
+            if self.queue_depth() >= self.max_queue:
+                raise QueueFull(
+                    f"{self.max_queue} jobs are already queued (NOISESCORE_MAX_QUEUE); "
+                    "retry later or cancel some"
+                )
+            record = JobRecord(
+                new_job_id(), QUEUED, spec, create_time=_now(),
+                idempotency_key=idempotency_key, owner=self.instance,
+            )  # fmt: skip
+            self._save(record)
+            if idempotency_key:
+                key = IDEMPOTENCY_PREFIX + hashlib.sha256(idempotency_key.encode()).hexdigest()
+                self.store.put_bytes(key, record.job_id.encode(), content_type="text/plain")
+            self._running[record.job_id] = _Running()
+        self._pool.submit(self._run, record.job_id)
+        return record
+
+    def _by_key(self, key: str) -> str | None:
+        name = IDEMPOTENCY_PREFIX + hashlib.sha256(key.encode()).hexdigest()
+        try:
+            return self.store.get_bytes(name).decode()
+        except ArtifactNotFound:
+            return None
+
+    def cancel(self, job_id: str) -> JobRecord:
+        record = self.get(job_id)
+        if record.terminal:
+            return record
+        with self._lock:
+            running = self._running.get(job_id)
+            if running is not None:
+                running.cancelled = True
+                process = running.process
+            else:
+                process = None
+        if process is not None and process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)  # the child and its own children
+        if record.state == QUEUED or running is None:
+            record.state, record.end_time = CANCELLED, _now()
+            record.error = "cancelled before it started"
+            self._save(record)
+        return self.get(job_id)
+
+    def wait(self, job_id: str, timeout: float | None = None) -> JobRecord:
+        """Block until the job is terminal (tests, CLI ``--wait``)."""
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            record = self.get(job_id)
+            if record.terminal:
+                return record
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} is still {record.state}")
+            time.sleep(0.2)
+
+    def shutdown(self, *, cancel: bool = True) -> None:
+        """Stop taking jobs; with ``cancel`` stop the running ones (they end FAILED on the
+        next start if this process dies first)."""
+        with self._lock:
+            self._closed = True
+            ids = [j for j, r in self._running.items() if r.process is not None]
+        if cancel:
+            for job_id in ids:
+                self.cancel(job_id)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # ------------------------------------------------------------------- running
+
+    def _argv(self, job_id: str, record: JobRecord) -> list[str]:
+        args = ["--job-id", job_id, "--quiet"]
+        for name, value in record.spec.items():
+            if value is None or value is False:
+                continue
+            flag = "--" + name.replace("_", "-")
+            args += [flag] if value is True else [flag, str(value)]
+        if self.command is not None:
+            return self.command(job_id, args)
+        return [sys.executable, "-m", "noisescore.cli", "clean", *args]
+
+    def _run(self, job_id: str) -> None:
+        record = self.get(job_id)
+        with self._lock:
+            running = self._running.setdefault(job_id, _Running())
+            if running.cancelled or record.terminal:
+                self._running.pop(job_id, None)
+                return
+            record.state, record.start_time = RUNNING, _now()
+            self._save(record)
+            log_path = self._log_path(job_id)
+            with open(log_path, "wb") as log:
+                running.process = subprocess.Popen(
+                    self._argv(job_id, record),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env={**os.environ, **self.env},
+                    start_new_session=True,  # a process group: cancel reaches its children
+                )
+        code = running.process.wait()
+        with self._lock:
+            self._running.pop(job_id, None)
+        record = self.get(job_id)
+        record.end_time = _now()
+        tail = _tail(log_path)
+        if running.cancelled:
+            record.state, record.error = CANCELLED, "cancelled while running"
+        elif code == 0 and self._job(job_id).is_complete():
+            record.state, record.error = SUCCEEDED, ""
+        else:
+            record.state = FAILED
+            record.error = _error_line(tail) or f"the cleaning process exited with code {code}"
+        try:
+            self._job(job_id).put(LOG, tail.encode(), content_type="text/plain")
+        except StorageError as err:
+            logger.warning("job %s: could not store its log: %s", job_id, err)
+        self._save(record)
+        os.unlink(log_path)
+
+    def _log_path(self, job_id: str) -> str:
+        import tempfile
+
+        return os.path.join(tempfile.gettempdir(), f"noisescore-job-{job_id}.log")
+
+    # ------------------------------------------------------------------- results
+
+    def report(self, job_id: str) -> dict[str, Any]:
+        return dict(json.loads(self._job(job_id).get("report.json")))
+
+    def manifest(self, job_id: str) -> dict[str, Any]:
+        return self._job(job_id).read_manifest()
+
+    def progress(self, job_id: str) -> dict[str, Any]:
+        try:
+            return dict(json.loads(self._job(job_id).get("progress.json", verify=False)))
+        except (ArtifactNotFound, IncompleteJob, ValueError):
+            return {}
+
+    def iter_records(self) -> Iterator[JobRecord]:
+        yield from self.list()
+
+
+def _tail(path: str, limit: int = 64 * 1024) -> str:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - limit))
+            return handle.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _error_line(log: str) -> str:
+    """The child's ``noisescore: error: …`` line (what a user must fix), if any."""
+    for line in reversed(log.splitlines()):
+        if line.startswith("noisescore: "):
+            return line.removeprefix("noisescore: ").strip()
+    return ""

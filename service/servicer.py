@@ -1,0 +1,647 @@
+"""The ``noisescore.v1.NoiseScoring`` servicer: validate, translate, call the domain code.
+
+No training logic here. Every handler maps domain errors to canonical status codes with
+a message a caller can act on (see :func:`_status_of`); an unexpected exception becomes
+INTERNAL in the error interceptor, without a stack trace.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import functools
+import io
+import json
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from google.protobuf.timestamp_pb2 import Timestamp
+from pydantic import ValidationError
+
+from noisescore.jobs import IncompleteJob, JobStore, validate_job_id
+from noisescore.ml.noise import NoiseSpecError
+from noisescore.service.inference import (
+    EncodedImage,
+    ImageInput,
+    InputError,
+    ModelCache,
+    ModelError,
+    TensorImage,
+    decode_images,
+    score_labels,
+)
+from noisescore.service.jobs import (
+    RUNNING,
+    STATES,
+    SUCCEEDED,
+    JobManager,
+    JobNotFound,
+    JobRecord,
+    QueueFull,
+)
+from noisescore.settings import CleanSettings
+from noisescore.storage import ChecksumMismatch, StorageError, StorageUnavailable
+from noisescore.v1 import noise_scoring_pb2 as pb
+from noisescore.v1 import noise_scoring_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+DEFAULT_CORRECTIONS_PAGE = 1000
+MAX_CORRECTIONS_PAGE = 100_000
+DEFAULT_CHUNK = 20_000
+MAX_IDEMPOTENCY_KEY = 128
+WATCH_POLL_S = 0.5
+NOISE_KINDS = ("symmetric", "uniform", "pairflip", "instance")
+
+
+class RequestError(ValueError):
+    """INVALID_ARGUMENT: the request itself is wrong."""
+
+
+class NotReady(RuntimeError):
+    """FAILED_PRECONDITION: the job has not succeeded (yet)."""
+
+
+class TooLarge(RuntimeError):
+    """RESOURCE_EXHAUSTED: more than the server takes in one request."""
+
+
+def _status_of(err: Exception) -> tuple[grpc.StatusCode, str] | None:
+    """The canonical code for a domain error; None = unexpected (INTERNAL)."""
+    codes: list[tuple[type[Exception] | tuple[type[Exception], ...], grpc.StatusCode]] = [
+        (JobNotFound, grpc.StatusCode.NOT_FOUND),
+        ((RequestError, InputError, NoiseSpecError), grpc.StatusCode.INVALID_ARGUMENT),
+        ((NotReady, IncompleteJob, ModelError), grpc.StatusCode.FAILED_PRECONDITION),
+        ((QueueFull, TooLarge), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
+        (ChecksumMismatch, grpc.StatusCode.DATA_LOSS),
+        (StorageError, grpc.StatusCode.UNAVAILABLE),
+    ]
+    for kinds, code in codes:
+        if isinstance(err, kinds):
+            return code, str(err)
+    return None
+
+
+def _abort_on_domain_errors(context: grpc.ServicerContext, err: Exception) -> None:
+    status = _status_of(err)
+    if status is None:
+        raise err
+    context.abort(*status)
+
+
+def unary(method: Callable[..., T]) -> Callable[..., T]:
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> T:
+        try:
+            return method(self, request, context)
+        except Exception as err:
+            _abort_on_domain_errors(context, err)
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+def streaming(method: Callable[..., Iterator[T]]) -> Callable[..., Iterator[T]]:
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[T]:
+        try:
+            yield from method(self, request, context)
+        except Exception as err:
+            _abort_on_domain_errors(context, err)
+
+    return wrapper
+
+
+# ----------------------------------------------------------------------------- translation
+
+
+def parse_job_name(name: str, *, field: str = "name") -> str:
+    """``jobs/{job_id}`` -> job id (INVALID_ARGUMENT when malformed)."""
+    if not name:
+        raise RequestError(f"{field} is required: jobs/{{job_id}}")
+    prefix, _, job_id = name.partition("/")
+    if prefix != "jobs" or not job_id:
+        raise RequestError(f"{field} must look like jobs/{{job_id}}, got {name!r}")
+    try:
+        return validate_job_id(job_id)
+    except ValueError as err:
+        raise RequestError(f"{field}: {err}") from err
+
+
+def _timestamp(text: str | None) -> Timestamp | None:
+    if not text:
+        return None
+    stamp = Timestamp()
+    stamp.FromJsonString(text if text.endswith("Z") else text.replace("+00:00", "Z"))
+    return stamp
+
+
+def spec_to_settings_fields(spec: pb.CleaningJobSpec) -> dict[str, Any]:
+    """The CleanSettings fields a spec sets (defaults for what it leaves at zero)."""
+    fields: dict[str, Any] = {"dataset": spec.dataset_uri}
+    if not spec.dataset_uri:
+        raise RequestError("spec.dataset_uri is required (medmnist://NAME, file:///…, s3://…)")
+    if spec.model:
+        fields["model"] = spec.model
+    for name in ("epochs", "warmup_epochs"):
+        value = getattr(spec, name)
+        if value < 0:
+            raise RequestError(f"spec.{name} must be positive, got {value}")
+        if value:
+            fields[name] = value
+    for name in ("alpha_lr", "alpha_wd"):
+        value = getattr(spec, name)
+        if value < 0 or not np.isfinite(value):
+            raise RequestError(f"spec.{name} must be a finite number >= 0, got {value}")
+        if value:
+            fields[name] = value
+    if spec.HasField("seed"):
+        fields["seed"] = spec.seed
+    if spec.noise.kind:
+        if spec.noise.kind not in NOISE_KINDS:
+            raise RequestError(
+                f"spec.noise.kind {spec.noise.kind!r} is not one of {', '.join(NOISE_KINDS)}"
+            )
+        if not 0.0 <= spec.noise.rate <= 1.0:
+            raise RequestError(f"spec.noise.rate must lie in [0, 1], got {spec.noise.rate}")
+        fields["noise"] = f"{spec.noise.kind}:{spec.noise.rate:g}"
+    elif spec.noise.rate:
+        raise RequestError("spec.noise.rate is set but spec.noise.kind is empty")
+    if spec.device:
+        fields["device"] = spec.device
+    return fields
+
+
+def validate_settings(fields: dict[str, Any]) -> None:
+    """Reject what ``noisescore clean`` would reject, before the job is queued."""
+    try:
+        CleanSettings(**fields)
+    except ValidationError as err:
+        parts = []
+        for e in err.errors():
+            where = ".".join(str(x) for x in e["loc"])
+            where = {"dataset": "dataset_uri"}.get(where, where)
+            msg = e["msg"].removeprefix("Value error, ")
+            parts.append(f"spec.{where}: {msg}" if where else msg)
+        raise RequestError("; ".join(parts)) from err
+
+
+def settings_to_spec(fields: dict[str, Any], idempotency_key: str) -> pb.CleaningJobSpec:
+    spec = pb.CleaningJobSpec(
+        dataset_uri=str(fields.get("dataset", "")),
+        model=str(fields.get("model", "")),
+        epochs=int(fields.get("epochs", 0)),
+        warmup_epochs=int(fields.get("warmup_epochs", 0)),
+        alpha_lr=float(fields.get("alpha_lr", 0.0)),
+        alpha_wd=float(fields.get("alpha_wd", 0.0)),
+        device=str(fields.get("device", "")),
+        idempotency_key=idempotency_key,
+    )
+    if "seed" in fields:
+        spec.seed = int(fields["seed"])
+    if fields.get("noise"):
+        kind, _, rate = str(fields["noise"]).partition(":")
+        spec.noise.kind, spec.noise.rate = kind, float(rate or 0)
+    return spec
+
+
+# ----------------------------------------------------------------------------- corrections
+
+
+@dataclass(frozen=True)
+class CorrectionTable:
+    """``trust.csv`` of a job as columns."""
+
+    sample_id: list[str]
+    observed: np.ndarray
+    trust: np.ndarray
+    flagged: np.ndarray
+    corrected: np.ndarray
+
+    @classmethod
+    def parse(cls, data: bytes) -> CorrectionTable:
+        rows = list(csv.reader(io.StringIO(data.decode())))
+        header, body = rows[0], rows[1:]
+        col = {name: i for i, name in enumerate(header)}
+        return cls(
+            sample_id=[r[col["sample_id"]] for r in body],
+            observed=np.array([int(r[col["observed_label"]]) for r in body], dtype=np.int64),
+            trust=np.array([float(r[col["trust"]]) for r in body], dtype=np.float64),
+            flagged=np.array([r[col["flagged"]] == "1" for r in body], dtype=bool),
+            corrected=np.array([int(r[col["corrected_label"]]) for r in body], dtype=np.int64),
+        )
+
+    def rows(self, indices: np.ndarray) -> list[pb.Correction]:
+        ids, obs, trust = self.sample_id, self.observed, self.trust
+        flagged, corrected = self.flagged, self.corrected
+        return [
+            pb.Correction(
+                index=int(i),
+                sample_id=ids[i],
+                observed_label=int(obs[i]),
+                trust=float(trust[i]),
+                flagged=bool(flagged[i]),
+                corrected_label=int(corrected[i]),
+            )
+            for i in indices.tolist()
+        ]
+
+
+class _LRU:
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str, load: Callable[[], T]) -> T:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]  # type: ignore[no-any-return]
+        value = load()
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return value
+
+
+def _encode_token(payload: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(payload, sort_keys=True).encode()).decode()
+
+
+def _decode_token(token: str, expected: dict[str, Any]) -> int:
+    """The offset in ``token``; INVALID_ARGUMENT unless it was issued for this request."""
+    if not token:
+        return 0
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(token.encode()))
+        offset = int(payload.pop("o"))
+    except (ValueError, KeyError, TypeError) as err:
+        raise RequestError("page_token is not one this server issued") from err
+    if payload != expected or offset < 0:
+        raise RequestError("page_token belongs to a different request (filter or job changed)")
+    return offset
+
+
+# ----------------------------------------------------------------------------- servicer
+
+
+class NoiseScoringServicer(pb_grpc.NoiseScoringServicer):
+    """``noisescore.v1.NoiseScoring`` over a :class:`JobManager` and an ONNX model cache."""
+
+    def __init__(
+        self,
+        jobs: JobManager,
+        *,
+        max_batch: int = 1024,
+        observe_inference: Callable[[float, int], None] | None = None,
+    ) -> None:
+        self.jobs = jobs
+        self.max_batch = max_batch
+        self.models = ModelCache(self._onnx_bytes, observe=observe_inference)
+        self._tables = _LRU(8)
+        self._results = _LRU(64)
+
+    # -------------------------------------------------------------- helpers
+
+    def _store(self, job_id: str) -> JobStore:
+        return JobStore(self.jobs.store, job_id)
+
+    def _onnx_bytes(self, job_id: str) -> bytes:
+        return self._store(job_id).get("model.onnx")
+
+    def _succeeded(self, job_id: str) -> JobRecord:
+        record = self.jobs.get(job_id)
+        if record.state != SUCCEEDED:
+            detail = f": {record.error}" if record.error else ""
+            raise NotReady(f"job {job_id} is {record.state}, not SUCCEEDED{detail}")
+        return record
+
+    def _result(self, job_id: str) -> pb.JobResult:
+        def load() -> pb.JobResult:
+            report = self.jobs.report(job_id)
+            manifest = self.jobs.manifest(job_id)
+            linc, test = report["linc"], report.get("test") or {}
+            result = pb.JobResult(
+                n_train=report["dataset"]["n_train"],
+                n_classes=report["dataset"]["n_classes"],
+                otsu_threshold=linc["otsu_threshold"],
+                n_flagged=linc["n_flagged"],
+                n_changed=linc["n_changed"],
+                trust_mean=linc["trust_mean"],
+                suspect_cutoff=self._cutoff(manifest, report),
+            )
+            if test.get("accuracy") is not None:
+                result.test_accuracy = test["accuracy"]
+                result.test_macro_f1 = test["macro_f1"]
+            if linc.get("detection", {}).get("auroc") is not None:
+                result.detection_auroc = linc["detection"]["auroc"]
+            if "label_accuracy_before" in linc:
+                result.label_accuracy_before = linc["label_accuracy_before"]
+                result.label_accuracy_after = linc["label_accuracy_after"]
+            return result
+
+        return self._results.get(job_id, load)
+
+    @staticmethod
+    def _cutoff(manifest: dict[str, Any], report: dict[str, Any]) -> float:
+        if "suspect_cutoff" in manifest:
+            return float(manifest["suspect_cutoff"])
+        return 1.0 / float(report["dataset"]["n_classes"])  # jobs published before calibration
+
+    def _job_message(self, record: JobRecord) -> pb.Job:
+        job = pb.Job(
+            name=f"jobs/{record.job_id}",
+            state=pb.Job.State.Value(record.state),
+            spec=settings_to_spec(record.spec, record.idempotency_key),
+            error=record.error,
+            artifacts_uri=self._store(record.job_id).url(),
+        )
+        for field_name in ("create_time", "start_time", "end_time"):
+            stamp = _timestamp(getattr(record, field_name))
+            if stamp is not None:
+                getattr(job, field_name).CopyFrom(stamp)
+        if record.state == SUCCEEDED:
+            job.result.CopyFrom(self._result(record.job_id))
+        elif record.state == RUNNING:
+            events = self._progress_events(record)
+            if events:
+                job.progress.CopyFrom(events[-1])
+        return job
+
+    def _progress_events(self, record: JobRecord) -> list[pb.JobEvent]:
+        progress = self.jobs.progress(record.job_id)
+        events = []
+        for stage in ("warmup", "final", "baseline"):
+            e = progress.get(stage)
+            if not e:
+                continue
+            event = pb.JobEvent(
+                name=f"jobs/{record.job_id}",
+                state=pb.Job.State.Value(record.state),
+                stage=stage,
+                epoch=int(e.get("epoch") or 0),
+                epochs=int(e.get("epochs") or 0),
+                loss=float(e.get("loss") or 0.0),
+                trust_mean=float(e.get("trust_mean") or 0.0),
+                flagged_fraction=float(e.get("flagged_fraction") or 0.0),
+            )
+            stamp = _timestamp(e.get("time"))
+            if stamp is not None:
+                event.time.CopyFrom(stamp)
+            events.append(event)
+        return events
+
+    def _table(self, job_id: str) -> CorrectionTable:
+        return self._tables.get(
+            job_id, lambda: CorrectionTable.parse(self._store(job_id).get("trust.csv"))
+        )
+
+    def _images(self, images: Any, info: Any) -> np.ndarray:
+        inputs: list[ImageInput] = []
+        for i, image in enumerate(images):
+            kind = image.WhichOneof("data")
+            if kind == "encoded":
+                inputs.append(EncodedImage(image.encoded))
+            elif kind == "tensor":
+                inputs.append(TensorImage(tuple(image.tensor.shape), image.tensor.data))
+            else:
+                raise RequestError(f"images[{i}]: set either encoded or tensor")
+        return decode_images(inputs, info)
+
+    def _check_batch(self, n: int, what: str) -> None:
+        if n == 0:
+            raise RequestError(f"{what} is empty: send at least one")
+        if n > self.max_batch:
+            raise TooLarge(
+                f"{n} {what} in one request; the limit is {self.max_batch} "
+                "(NOISESCORE_MAX_BATCH): split the batch"
+            )
+
+    # -------------------------------------------------------------- jobs
+
+    @unary
+    def SubmitCleaningJob(
+        self, request: pb.SubmitCleaningJobRequest, context: grpc.ServicerContext
+    ) -> pb.Job:
+        if not request.HasField("spec"):
+            raise RequestError("spec is required")
+        key = request.spec.idempotency_key
+        if len(key) > MAX_IDEMPOTENCY_KEY:
+            raise RequestError(f"spec.idempotency_key is longer than {MAX_IDEMPOTENCY_KEY}")
+        fields = spec_to_settings_fields(request.spec)
+        validate_settings(fields)
+        return self._job_message(self.jobs.submit(fields, idempotency_key=key))
+
+    @unary
+    def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
+        return self._job_message(self.jobs.get(parse_job_name(request.name)))
+
+    @unary
+    def ListJobs(
+        self, request: pb.ListJobsRequest, context: grpc.ServicerContext
+    ) -> pb.ListJobsResponse:
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        if not 1 <= size <= MAX_PAGE_SIZE:
+            raise RequestError(f"page_size must lie in [1, {MAX_PAGE_SIZE}], got {size}")
+        state = None
+        if request.state != pb.Job.STATE_UNSPECIFIED:
+            state = pb.Job.State.Name(request.state)
+            if state not in STATES:
+                raise RequestError(f"state {request.state} is not a job state")
+        offset = _decode_token(request.page_token, {"s": state or ""})
+        records = self.jobs.list(state)
+        page = records[offset : offset + size]
+        response = pb.ListJobsResponse(jobs=[self._job_message(r) for r in page])
+        if offset + size < len(records):
+            response.next_page_token = _encode_token({"o": offset + size, "s": state or ""})
+        return response
+
+    @unary
+    def CancelJob(self, request: pb.CancelJobRequest, context: grpc.ServicerContext) -> pb.Job:
+        return self._job_message(self.jobs.cancel(parse_job_name(request.name)))
+
+    @streaming
+    def WatchJob(
+        self, request: pb.WatchJobRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.JobEvent]:
+        job_id = parse_job_name(request.name)
+        record = self.jobs.get(job_id)
+        name = f"jobs/{job_id}"
+        last_state = None
+        seen: dict[str, int] = {}
+        while context.is_active():
+            record = self.jobs.get(job_id)
+            if record.state != last_state:
+                last_state = record.state
+                yield pb.JobEvent(name=name, state=pb.Job.State.Value(record.state))
+            for event in self._progress_events(record):
+                if event.epoch > seen.get(event.stage, 0):
+                    seen[event.stage] = event.epoch
+                    yield event
+            if record.terminal:
+                return
+            time.sleep(WATCH_POLL_S)
+
+    # -------------------------------------------------------------- results
+
+    def _corrections_indices(self, table: CorrectionTable, only_flagged: bool) -> np.ndarray:
+        if only_flagged:
+            return np.flatnonzero(table.flagged)
+        return np.arange(len(table.trust))
+
+    @unary
+    def GetCorrections(
+        self, request: pb.GetCorrectionsRequest, context: grpc.ServicerContext
+    ) -> pb.GetCorrectionsResponse:
+        job_id = parse_job_name(request.job, field="job")
+        size = request.page_size or DEFAULT_CORRECTIONS_PAGE
+        if not 1 <= size <= MAX_CORRECTIONS_PAGE:
+            raise RequestError(f"page_size must lie in [1, {MAX_CORRECTIONS_PAGE}], got {size}")
+        expected = {"j": job_id, "f": request.only_flagged}
+        offset = _decode_token(request.page_token, expected)
+        self._succeeded(job_id)
+        indices = self._corrections_indices(self._table(job_id), request.only_flagged)
+        page = indices[offset : offset + size]
+        response = pb.GetCorrectionsResponse(
+            corrections=self._table(job_id).rows(page), total_size=len(indices)
+        )
+        if offset + size < len(indices):
+            response.next_page_token = _encode_token({**expected, "o": offset + size})
+        return response
+
+    @streaming
+    def StreamCorrections(
+        self, request: pb.StreamCorrectionsRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.GetCorrectionsResponse]:
+        job_id = parse_job_name(request.job, field="job")
+        chunk = request.chunk_size or DEFAULT_CHUNK
+        if not 1 <= chunk <= MAX_CORRECTIONS_PAGE:
+            raise RequestError(f"chunk_size must lie in [1, {MAX_CORRECTIONS_PAGE}], got {chunk}")
+        self._succeeded(job_id)
+        table = self._table(job_id)
+        indices = self._corrections_indices(table, request.only_flagged)
+        for start in range(0, max(len(indices), 1), chunk):
+            if not context.is_active():
+                return
+            yield pb.GetCorrectionsResponse(
+                corrections=table.rows(indices[start : start + chunk]), total_size=len(indices)
+            )
+
+    @unary
+    def ScoreLabels(
+        self, request: pb.ScoreLabelsRequest, context: grpc.ServicerContext
+    ) -> pb.ScoreLabelsResponse:
+        job_id = parse_job_name(request.job, field="job")
+        self._check_batch(len(request.samples), "samples")
+        self._succeeded(job_id)
+        model = self.models.get(job_id)
+        images = self._images((s.image for s in request.samples), model.info)
+        labels = np.array([s.label for s in request.samples], dtype=np.int64)
+        cutoff = self._result(job_id).suspect_cutoff
+        scores = score_labels(model.predict_proba(images), labels, cutoff=cutoff)
+        return pb.ScoreLabelsResponse(
+            scores=[
+                pb.LabelScore(
+                    sample_id=sample.sample_id,
+                    label=sample.label,
+                    label_quality=float(scores.label_quality[i]),
+                    normalized_margin=float(scores.normalized_margin[i]),
+                    predicted_label=int(scores.predicted_label[i]),
+                    suspect=bool(scores.suspect[i]),
+                )
+                for i, sample in enumerate(request.samples)
+            ],
+            suspect_cutoff=cutoff,
+        )
+
+    @unary
+    def Predict(
+        self, request: pb.PredictRequest, context: grpc.ServicerContext
+    ) -> pb.PredictResponse:
+        job_id = parse_job_name(request.job, field="job")
+        self._check_batch(len(request.images), "images")
+        self._succeeded(job_id)
+        model = self.models.get(job_id)
+        probabilities = model.predict_proba(self._images(request.images, model.info))
+        return pb.PredictResponse(
+            predictions=[
+                pb.Prediction(probabilities=row.tolist(), predicted_label=int(row.argmax()))
+                for row in probabilities
+            ]
+        )
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+class MalformedRequest:
+    """What a request that is not a valid message deserializes to (then INVALID_ARGUMENT)."""
+
+    def __init__(self, type_name: str, error: Exception) -> None:
+        self.message = f"the request is not a valid {type_name} message: {error}"
+
+
+def _safe_deserializer(message_class: Any) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except Exception as err:  # DecodeError, invalid UTF-8, recursion limits
+            return MalformedRequest(message_class.DESCRIPTOR.full_name, err)
+
+    return deserialize
+
+
+def _unary_guard(handler: Callable[..., Any]) -> Callable[..., Any]:
+    def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+        if isinstance(request, MalformedRequest):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return handler(request, context)
+
+    return guarded
+
+
+def _stream_guard(handler: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+    def guarded(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        if isinstance(request, MalformedRequest):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        yield from handler(request, context)
+
+    return guarded
+
+
+def add_servicer(servicer: pb_grpc.NoiseScoringServicer, server: grpc.Server) -> None:
+    """Register ``servicer`` like the generated ``add_NoiseScoringServicer_to_server``, but
+    a request that does not parse is INVALID_ARGUMENT with the reason (grpc's default is
+    INTERNAL "Exception deserializing request!")."""
+    service = pb.DESCRIPTOR.services_by_name["NoiseScoring"]
+    handlers = {}
+    for method in service.methods:
+        request_class = getattr(pb, method.input_type.name)
+        response_class = getattr(pb, method.output_type.name)
+        implementation = getattr(servicer, method.name)
+        if method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                _stream_guard(implementation),
+                request_deserializer=_safe_deserializer(request_class),
+                response_serializer=response_class.SerializeToString,
+            )
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _unary_guard(implementation),
+                request_deserializer=_safe_deserializer(request_class),
+                response_serializer=response_class.SerializeToString,
+            )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
