@@ -6,6 +6,7 @@ variables, then the defaults below (the LiNC paper's, where the paper gives one)
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -115,10 +116,21 @@ class ServiceSettings(BaseSettings):
     max_queue: int = Field(16, ge=0, le=10_000, description="queued jobs before RESOURCE_EXHAUSTED")
     max_batch: int = Field(1024, ge=1, le=65_536, description="images per Predict/ScoreLabels")
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="gRPC message limit")
+    job_runner: Literal["auto", "local", "prefect"] = Field(
+        "auto",
+        description="local: child processes of the service; prefect: runs of "
+        "prefect_deployment; auto: prefect when PREFECT_API_URL is set, else local",
+    )
     prefect_deployment: str = Field(
-        "clean-labels/local", description="deployment that runs jobs when PREFECT_API_URL is set"
+        "clean-labels/local", description="deployment that runs jobs in prefect mode"
     )
     shutdown_grace: float = Field(10.0, ge=0, description="seconds in-flight RPCs may finish")
+
+    def runner(self) -> Literal["local", "prefect"]:
+        """The job runner ``auto`` resolves to (a Prefect API configured in the env)."""
+        if self.job_runner != "auto":
+            return self.job_runner
+        return "prefect" if os.environ.get("PREFECT_API_URL") else "local"
 
     def tokens(self) -> list[str]:
         """The configured bearer tokens (empty: authentication is off)."""

@@ -2,14 +2,15 @@
 
 Embedded default: jobs run as child processes of this server through the clean-labels
 flow, their state and results in the artifact store (``NOISESCORE_S3_*`` or
-``NOISESCORE_STORE_DIR``).
+``NOISESCORE_STORE_DIR``). With a Prefect API (``PREFECT_API_URL``, or
+``NOISESCORE_JOB_RUNNER=prefect``) jobs are runs of ``NOISESCORE_PREFECT_DEPLOYMENT``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from noisescore.service.jobs import JobManager
+from noisescore.service.jobs import JobManager, PrefectJobManager
 from noisescore.service.metrics import ServiceMetrics
 from noisescore.service.server import Service
 from noisescore.service.servicer import NoiseScoringServicer
@@ -57,7 +58,15 @@ def create_app(
     env = dict(job_env or {})
     if isinstance(store, LocalStore):  # job processes must write where this service reads
         env.update(NOISESCORE_STORE_DIR=str(store.root.resolve()), NOISESCORE_S3_ENDPOINT="")
-    jobs = JobManager(store, workers=settings.job_workers, max_queue=settings.max_queue, env=env)
+    jobs: JobManager
+    if settings.runner() == "prefect":
+        jobs = PrefectJobManager(
+            store, max_queue=settings.max_queue, deployment=settings.prefect_deployment
+        )
+    else:
+        jobs = JobManager(
+            store, workers=settings.job_workers, max_queue=settings.max_queue, env=env
+        )
 
     def publish_job_metrics() -> None:
         metrics.set_jobs(jobs.counts())

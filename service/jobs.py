@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -70,6 +70,7 @@ class JobRecord:
     error: str = ""
     idempotency_key: str = ""
     owner: str = ""  # the service process that runs it (restart detection)
+    flow_run_id: str = ""  # Prefect mode: the deployment run executing the job
 
     @property
     def terminal(self) -> bool:
@@ -193,6 +194,14 @@ class JobManager:
     # ------------------------------------------------------------------- API
 
     def get(self, job_id: str) -> JobRecord:
+        record = self._get(job_id)
+        return record if record.terminal else self._refresh(record)
+
+    def _refresh(self, record: JobRecord) -> JobRecord:
+        """Where another system owns the job's state (Prefect mode), read it from there."""
+        return record
+
+    def _get(self, job_id: str) -> JobRecord:
         with self._lock:
             record = self._records.get(job_id)
         if record is None or not record.terminal:
@@ -205,7 +214,7 @@ class JobManager:
             raise JobNotFound(f"job {job_id} not found")
         return record
 
-    def list(self, state: str | None = None) -> list[JobRecord]:
+    def records(self, state: str | None = None) -> list[JobRecord]:
         """All jobs, newest first (by creation time, then id)."""
         ids = set(list_jobs(self.store))
         with self._lock:
@@ -252,8 +261,11 @@ class JobManager:
                 key = IDEMPOTENCY_PREFIX + hashlib.sha256(idempotency_key.encode()).hexdigest()
                 self.store.put_bytes(key, record.job_id.encode(), content_type="text/plain")
             self._running[record.job_id] = _Running()
-        self._pool.submit(self._run, record.job_id)
+        self._launch(record)
         return record
+
+    def _launch(self, record: JobRecord) -> None:
+        self._pool.submit(self._run, record.job_id)
 
     def _by_key(self, key: str) -> str | None:
         name = IDEMPOTENCY_PREFIX + hashlib.sha256(key.encode()).hexdigest()
@@ -376,9 +388,6 @@ class JobManager:
         except (ArtifactNotFound, IncompleteJob, ValueError):
             return {}
 
-    def iter_records(self) -> Iterator[JobRecord]:
-        yield from self.list()
-
 
 def _tail(path: str, limit: int = 64 * 1024) -> str:
     try:
@@ -397,3 +406,97 @@ def _error_line(log: str) -> str:
         if line.startswith("noisescore: "):
             return line.removeprefix("noisescore: ").strip()
     return ""
+
+
+# ----------------------------------------------------------------------------- Prefect mode
+
+_PREFECT_STATES = {
+    "SCHEDULED": QUEUED, "PENDING": QUEUED, "PAUSED": QUEUED,
+    "RUNNING": RUNNING, "COMPLETED": SUCCEEDED, "FAILED": FAILED, "CRASHED": FAILED,
+    "CANCELLING": RUNNING, "CANCELLED": CANCELLED,
+}  # fmt: skip
+
+
+class OrchestratorUnavailable(RuntimeError):
+    """The Prefect API cannot be reached (UNAVAILABLE)."""
+
+
+@dataclass
+class PrefectJobManager(JobManager):
+    """Jobs as runs of a ``clean-labels`` deployment on a Prefect API (``PREFECT_API_URL``):
+    workers of the deployment's pool run them; state is read back from Prefect, results
+    from the shared artifact store. Jobs survive a restart of the service."""
+
+    deployment: str = "clean-labels/local"
+
+    def _recover(self) -> None:
+        for job_id in list_jobs(self.store):
+            record = self._load(job_id)
+            if record is not None:
+                with self._lock:
+                    self._records[job_id] = record
+
+    def _launch(self, record: JobRecord) -> None:
+        from prefect.deployments import run_deployment
+
+        try:
+            run = run_deployment(
+                self.deployment,
+                parameters={"settings": record.spec, "job_id": record.job_id},
+                timeout=0,
+            )
+        except Exception as err:
+            record.state, record.end_time = FAILED, _now()
+            record.error = f"could not create a run of deployment {self.deployment}: {err}"
+            self._save(record)
+            raise OrchestratorUnavailable(record.error) from err
+        record.flow_run_id = str(run.id)  # type: ignore[union-attr]
+        self._save(record)
+
+    def _flow_run(self, record: JobRecord) -> Any:
+        from prefect import get_client
+
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(uuid.UUID(record.flow_run_id))
+
+    def _refresh(self, record: JobRecord) -> JobRecord:
+        if not record.flow_run_id:
+            return record
+        try:
+            run = self._flow_run(record)
+        except Exception as err:
+            logger.warning("job %s: cannot read its flow run: %s", record.job_id, err)
+            return record
+        prefect_state = run.state.type.value if run.state is not None else "PENDING"
+        state = _PREFECT_STATES.get(prefect_state, record.state)
+        if state == SUCCEEDED and not self._job(record.job_id).is_complete():
+            state = FAILED
+            record.error = "the flow run completed but the job has no manifest"
+        if state == record.state:
+            return record
+        record.state = state
+        if state == RUNNING and record.start_time is None:
+            record.start_time = _now()
+        if state in TERMINAL:
+            record.end_time = _now()
+            if state != SUCCEEDED and not record.error:
+                record.error = (run.state.message or prefect_state.lower()) if run.state else ""
+        self._save(record)
+        return record
+
+    def cancel(self, job_id: str) -> JobRecord:
+        from prefect import get_client
+        from prefect.states import Cancelling
+
+        record = self.get(job_id)
+        if record.terminal or not record.flow_run_id:
+            return record
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(uuid.UUID(record.flow_run_id), Cancelling(), force=True)
+        record.error = "cancelled"
+        self._save(record)
+        return self.get(job_id)
+
+    def shutdown(self, *, cancel: bool = True) -> None:
+        with self._lock:
+            self._closed = True  # runs belong to Prefect: they go on without this service

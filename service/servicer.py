@@ -43,6 +43,7 @@ from noisescore.service.jobs import (
     JobManager,
     JobNotFound,
     JobRecord,
+    OrchestratorUnavailable,
     QueueFull,
 )
 from noisescore.settings import CleanSettings
@@ -81,7 +82,7 @@ def _status_of(err: Exception) -> tuple[grpc.StatusCode, str] | None:
         ((RequestError, InputError, NoiseSpecError), grpc.StatusCode.INVALID_ARGUMENT),
         ((NotReady, IncompleteJob, ModelError), grpc.StatusCode.FAILED_PRECONDITION),
         ((QueueFull, TooLarge), grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
+        ((StorageUnavailable, OrchestratorUnavailable), grpc.StatusCode.UNAVAILABLE),
         (ChecksumMismatch, grpc.StatusCode.DATA_LOSS),
         (StorageError, grpc.StatusCode.UNAVAILABLE),
     ]
@@ -460,7 +461,7 @@ class NoiseScoringServicer(pb_grpc.NoiseScoringServicer):
             if state not in STATES:
                 raise RequestError(f"state {request.state} is not a job state")
         offset = _decode_token(request.page_token, {"s": state or ""})
-        records = self.jobs.list(state)
+        records = self.jobs.records(state)
         page = records[offset : offset + size]
         response = pb.ListJobsResponse(jobs=[self._job_message(r) for r in page])
         if offset + size < len(records):

@@ -154,6 +154,7 @@ def _start(
         "PREFECT_API_URL": api,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "NOISESCORE_STORE_DIR": str(store),
+        "NOISESCORE_DATA_DIR": str(ROOT.parent / "shared" / "data"),
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     env.pop("NOISESCORE_S3_ENDPOINT", None)
@@ -207,3 +208,52 @@ def test_served_deployment_runs(
         assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
         time.sleep(0.5)
     _run_and_verify("clean-labels/served-test", "via-serve", store, data_dir, capsys)
+
+
+@pytest.mark.slow
+def test_service_in_prefect_mode_submits_deployment_runs(
+    prefect_api: str, data_dir: Path, tmp_path: Path,
+    background: list[subprocess.Popen[bytes]],
+) -> None:  # fmt: skip
+    """With a Prefect API, SubmitCleaningJob creates a deployment run; state comes back
+    from Prefect and results from the shared store, across a restart of the service."""
+    from noisescore.client import NoiseScoringClient
+    from noisescore.service.app import create_app
+    from noisescore.settings import ServiceSettings
+    from noisescore.storage import LocalStore
+    from noisescore.v1 import noise_scoring_pb2 as pb
+
+    store = tmp_path / "store"
+    serve = [str(BIN / "noisescore"), "flow", "serve", "--name", "svc-prefect"]
+    _start(background, serve, prefect_api, store, tmp_path / "serve.log")
+    deadline = time.monotonic() + 120
+    while httpx.get(f"{prefect_api}/deployments/name/clean-labels/svc-prefect").status_code != 200:
+        assert background[0].poll() is None, (tmp_path / "serve.log").read_text()
+        assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+        time.sleep(0.5)
+
+    settings = ServiceSettings(
+        grpc_addr="127.0.0.1:0", metrics_addr=None, job_runner="prefect",
+        prefect_deployment="clean-labels/svc-prefect",
+    )  # fmt: skip
+    app = create_app(settings, store=LocalStore(store)).start()
+    try:
+        with NoiseScoringClient(f"127.0.0.1:{app.port}") as client:
+            job = client.submit(
+                "medmnist://breastmnist", epochs=2, warmup_epochs=1, device="cpu",
+                noise="uniform:0.5",
+            )  # fmt: skip
+            deadline = time.monotonic() + 240
+            while (job := client.get(job.name)).state not in (pb.Job.SUCCEEDED, pb.Job.FAILED):
+                assert time.monotonic() < deadline, job
+                time.sleep(0.5)
+            assert job.state == pb.Job.SUCCEEDED, job.error
+            assert sum(1 for _ in client.corrections(job.name)) == 546
+    finally:
+        app.stop(grace=1)
+    again = create_app(settings, store=LocalStore(store)).start()  # a restart keeps it
+    try:
+        with NoiseScoringClient(f"127.0.0.1:{again.port}") as client:
+            assert client.get(job.name).state == pb.Job.SUCCEEDED
+    finally:
+        again.stop(grace=1)
