@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 RUN_ARGS ?= --dataset medmnist://breastmnist --noise uniform:0.5 --epochs 30 \
             --warmup-epochs 10 --seed 0 --baseline
 
-.PHONY: venv run test lint bench results clean
+.PHONY: venv run test lint bench results proto serve clean
 
 venv: $(STAMP)
 
@@ -30,10 +30,20 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy noisescore ml flows
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy noisescore ml flows service
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_service.py
+
+# Regenerate the gRPC stubs in noisescore/v1 from proto/ (tests check they are current).
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. \
+	    --grpc_python_out=. proto/noisescore/v1/noise_scoring.proto
+
+# The gRPC service on 127.0.0.1:50051 (metrics on :9464), artifacts in ./artifacts.
+serve: $(STAMP)
+	$(BIN)/noisescore serve
 
 results: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"

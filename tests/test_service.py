@@ -478,3 +478,65 @@ def test_torch_reference_for_the_onnx_contract(store_dir: Path) -> None:
     got = load_session(job.get("model.onnx")).run(["probabilities"], {"images": x.numpy()})[0]
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert json.loads(job.get("report.json"))["linc"]["suspect_cutoff"] > 0
+
+
+# --------------------------------------------------------------------------- CLI verbs
+
+
+def test_cli_verbs_against_the_server(
+    app: App, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+    test_images: tuple[np.ndarray, np.ndarray],
+) -> None:  # fmt: skip
+    from noisescore.cli import main
+
+    server = ["--server", f"127.0.0.1:{app.port}"]
+    assert main(["jobs", "get", JOB, *server]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["state"] == "SUCCEEDED" and shown["name"] == f"jobs/{JOB}"
+    assert main(["jobs", "list", "--state", "SUCCEEDED", *server]) == 0
+    assert f"jobs/{JOB}\tSUCCEEDED" in capsys.readouterr().out
+    assert main(["corrections", JOB, "--only-flagged", *server]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "index,sample_id,observed_label,trust,flagged,corrected_label"
+    assert all(line.split(",")[4] == "1" for line in lines[1:]) and len(lines) > 1
+    images, labels = test_images
+    manifest = tmp_path / "new.csv"
+    rows = ["path,label"]
+    for i in range(3):
+        Image.fromarray(images[i][0]).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{int(labels[i])}")
+    manifest.write_text("\n".join(rows) + "\n")
+    assert main(["score", JOB, "--manifest", str(manifest), *server]) == 0
+    scored = capsys.readouterr().out.strip().splitlines()
+    assert scored[0].startswith("sample_id,label,label_quality") and len(scored) == 4
+    assert main(["jobs", "get", "missing", *server]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+    assert main(["score", JOB, "nothing.png=1", *server]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_serve_command_starts_and_stops_on_sigterm(store_dir: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NOISESCORE_STORE_DIR": str(store_dir), "NOISESCORE_S3_ENDPOINT": ""}
+    command = [
+        str(Path(sys.executable).parent / "noisescore"), "serve",
+        "--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline().decode()
+        assert line.startswith("noisescore serving gRPC on 127.0.0.1:"), line
+        port = int(line.split("127.0.0.1:")[1].split(",")[0])
+        with NoiseScoringClient(f"127.0.0.1:{port}") as c:
+            assert c.get(JOB).state == pb.Job.SUCCEEDED
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -1,0 +1,980 @@
+"""Benchmark of the gRPC service (noisescore.v1.NoiseScoring) on CPU, in one run.
+
+Three measurements against one real cleaning job (BreastMNIST, ``uniform:0.5`` noise,
+seed 0, trained by the clean-labels flow in this run unless ``--store``/``--job`` name
+an existing one):
+
+1. **Predict latency**: the job's trained model on batch 1 and batch 256 of real
+   BreastMNIST test images (the 156 test images, cycled to fill 256) by (a) torch eager
+   (``model.pt`` wrapped in :class:`~noisescore.ml.export.ProbabilityModel`, eval mode,
+   ``no_grad``), (b) onnxruntime directly (``OnnxModel.predict_proba`` on ``model.onnx``)
+   and (c) the ``Predict`` RPC end to end over loopback (typed client -> server ->
+   onnxruntime -> response). The cases are interleaved in a shuffled order within every
+   repeat; p50 and p99 per case, and ``torch_p50 / case_p50`` (> 1 = faster than torch).
+2. **Concurrency**: ``ScoreLabels`` (16 images per request) and ``GetCorrections`` (one
+   full page of the job's rows) from ``--clients`` threads, each with its own channel and
+   connection, for ``--duration`` seconds; the baseline is the same requests from one
+   client, so the ratio is the concurrency scaling. Requests are built once, before the
+   timed window, so the client's Python cost is not counted as the service's.
+3. **Large job read**: a *synthetic* job of ``--large-rows`` rows (the real MedMNIST sets
+   are smaller) in the real layout (``trust.csv``, ``report.json``/``spec.json``/
+   ``model.onnx`` copied from the real job, ``manifest.json`` by ``JobStore``), read with
+   ``StreamCorrections`` and with ``GetCorrections`` pages of 10,000. The first read of a
+   job is cold (the server reads, verifies and parses ``trust.csv``); the next is warm
+   (parsed table cached). Each cold read is of a fresh copy of the job.
+
+The server runs in a child process (``create_app(...).start()`` on ``127.0.0.1:0``, a
+:class:`~noisescore.storage.LocalStore` over a temporary folder), so that client and
+server threads do not share one GIL; both processes share the machine's cores.
+onnxruntime sessions (direct and in the server) and torch use ``--threads`` intra-op
+threads. Speed claims are ratios against a baseline measured in the same run.
+
+Usage::
+
+    python bench/bench_service.py [--duration 10] [--clients 32] [--repeats 200]
+    python bench/bench_service.py --store DIR --job ID    # an existing finished job
+
+Writes ``service.json``, ``service.md`` and ``service.png`` to ``--out-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import json
+import os
+import platform
+import select
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from noisescore.atomic import atomic_write, atomic_write_bytes
+from noisescore.client import NoiseScoringClient, image_message
+from noisescore.jobs import JobStore
+from noisescore.ml.data import load_dataset
+from noisescore.ml.export import ProbabilityModel
+from noisescore.ml.models import DEFAULT_MODEL, create_model
+from noisescore.storage import ArtifactStore, LocalStore
+from noisescore.v1 import noise_scoring_pb2 as pb
+from noisescore.v1 import noise_scoring_pb2_grpc as pb_grpc
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+DEFAULT_OUT_DIR = REPO_ROOT / "docs" / "bench"
+DATASET = "breastmnist"
+NOISE_SPEC = "uniform:0.5"
+SERVE_COMMAND = "_serve"  # argv[1] of the server child process
+BATCH_SIZES = (1, 256)
+CASES = ("torch", "onnxruntime", "predict_rpc")
+CASE_LABELS = {
+    "torch": "torch eager",
+    "onnxruntime": "onnxruntime direct",
+    "predict_rpc": "Predict RPC (loopback)",
+}
+SCORE_BATCH = 16
+PAGE_ROWS = 10_000
+LARGE_TARGET_S = 1.0
+WARMUP_CALLS = 5
+PARITY_TOLERANCE = 1e-4
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # as NoiseScoringClient
+
+
+# --------------------------------------------------------------------------- threads
+
+
+def ort_session_factory(threads: int) -> Callable[..., ort.InferenceSession]:
+    """A ``load_session`` with ``threads`` intra-op threads on the CPU provider.
+
+    The service's ``OnnxModel`` takes no session options, so the benchmark swaps this in
+    for :func:`noisescore.ml.export.load_session` where ``OnnxModel`` looks it up.
+    """
+
+    def load_session(onnx_bytes: bytes, *, providers: Any = None) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        return ort.InferenceSession(
+            onnx_bytes, sess_options=options, providers=["CPUExecutionProvider"]
+        )
+
+    return load_session
+
+
+@contextlib.contextmanager
+def ort_threads(threads: int) -> Iterator[None]:
+    with mock.patch("noisescore.service.inference.load_session", ort_session_factory(threads)):
+        yield
+
+
+# --------------------------------------------------------------------------- server child
+
+
+def serve(argv: Sequence[str]) -> None:
+    """The server child process: start, print ``PORT <n>``, stop when stdin closes."""
+    parser = argparse.ArgumentParser(prog=f"bench_service.py {SERVE_COMMAND}")
+    parser.add_argument("--store", type=Path, required=True)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from noisescore.service.app import create_app
+    from noisescore.settings import ServiceSettings
+
+    settings = ServiceSettings(
+        grpc_addr="127.0.0.1:0", metrics_addr=None, auth_tokens=None,
+        tls_cert=None, tls_key=None, tls_client_ca=None,
+    )  # fmt: skip
+    with ort_threads(args.threads):
+        app = create_app(settings, store=LocalStore(args.store)).start()
+        print(f"PORT {app.port} RPC_THREADS {settings.rpc_threads}", flush=True)
+        try:
+            sys.stdin.read()  # until the parent closes it (or dies)
+        finally:
+            app.stop(grace=1)
+
+
+class ServerProcess:
+    """The service in a child process over ``store_dir``; ``target`` is ``127.0.0.1:PORT``."""
+
+    START_TIMEOUT_S = 180.0
+
+    def __init__(self, store_dir: Path, *, threads: int, log: Path) -> None:
+        self.store_dir, self.threads, self.log = store_dir, threads, log
+        self.process: subprocess.Popen[str] | None = None
+        self.port = 0
+        self.rpc_threads = 0
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> ServerProcess:
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "NOISESCORE_S3_ENDPOINT": ""}
+        command = [
+            sys.executable, str(Path(__file__).resolve()), SERVE_COMMAND,
+            "--store", str(self.store_dir), "--threads", str(self.threads),
+        ]  # fmt: skip
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen(
+                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                text=True, env=env, cwd=REPO_ROOT,
+            )  # fmt: skip
+        assert self.process.stdout is not None
+        ready, _, _ = select.select([self.process.stdout], [], [], self.START_TIMEOUT_S)
+        line = self.process.stdout.readline() if ready else ""
+        if not line.startswith("PORT "):
+            self.__exit__(None, None, None)
+            tail = self.log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"the server child did not start ({line!r}); its log:\n{tail}")
+        fields = line.split()
+        self.port, self.rpc_threads = int(fields[1]), int(fields[3])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        process, self.process = self.process, None
+        if process is None:
+            return
+        with contextlib.suppress(OSError):
+            assert process.stdin is not None
+            process.stdin.close()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+# --------------------------------------------------------------------------- the real job
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def train_job(store_dir: Path, job_id: str, args: argparse.Namespace) -> float:
+    """Run the clean-labels flow into ``store_dir``; returns its wall time in seconds."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from noisescore.flows.clean_labels import clean_labels
+    from noisescore.settings import CleanSettings
+
+    settings = CleanSettings(
+        dataset=f"medmnist://{DATASET}", data_dir=args.data_dir, noise=NOISE_SPEC,
+        epochs=args.epochs, warmup_epochs=args.warmup_epochs, seed=0, device="cpu",
+        model=args.model,
+    )  # fmt: skip
+    start = time.perf_counter()
+    with _env(NOISESCORE_STORE_DIR=str(store_dir), NOISESCORE_S3_ENDPOINT=""):
+        state = clean_labels(settings=settings, job_id=job_id, return_state=True)
+    if not state.is_completed():
+        raise RuntimeError(f"the clean-labels flow did not complete: {state.message}")
+    return time.perf_counter() - start
+
+
+def copy_job(source: ArtifactStore, target: ArtifactStore, job_id: str) -> None:
+    """Every object of ``jobs/<job_id>/`` from one store to another."""
+    keys = source.list(JobStore(source, job_id).prefix)
+    if not keys:
+        raise SystemExit(f"no job {job_id!r} in {source!r}")
+    for key in keys:
+        target.put_bytes(key, source.get_bytes(key))
+
+
+def torch_model(job: JobStore) -> tuple[ProbabilityModel, dict[str, Any]]:
+    """``model.pt`` rebuilt and wrapped like the ONNX graph (raw pixels in, softmax out)."""
+    ckpt = torch.load(io.BytesIO(job.get("model.pt")), map_location="cpu", weights_only=True)
+    model = create_model(
+        ckpt["model"],
+        num_classes=ckpt["num_classes"],
+        in_chans=ckpt["in_chans"],
+        img_size=ckpt["img_size"],
+    )
+    model.load_state_dict(ckpt["state_dict"])
+    wrapped = ProbabilityModel(model, mean=ckpt["mean"], std=ckpt["std"]).eval()
+    return wrapped, ckpt
+
+
+# --------------------------------------------------------------------------- 1. latency
+
+
+def percentiles(seconds: Sequence[float]) -> dict[str, float]:
+    values = np.asarray(seconds, dtype=np.float64) * 1e3
+    return {
+        "p50_ms": float(np.percentile(values, 50)),
+        "p99_ms": float(np.percentile(values, 99)),
+        "mean_ms": float(values.mean()),
+        "min_ms": float(values.min()),
+        "max_ms": float(values.max()),
+        "n": int(values.size),
+    }
+
+
+def measure_latency(
+    predictors: dict[str, Callable[[np.ndarray], np.ndarray]],
+    batches: dict[int, np.ndarray],
+    *,
+    repeats: int,
+    seed: int,
+) -> dict[str, dict[str, list[float]]]:
+    """Seconds per call, ``raw[str(batch)][case]``; cases shuffled within each repeat."""
+    rng = np.random.default_rng(seed)
+    for images in batches.values():  # warm-up: first-call allocations, lazy loads
+        for predict in predictors.values():
+            for _ in range(WARMUP_CALLS):
+                predict(images)
+    raw: dict[str, dict[str, list[float]]] = {
+        str(b): {case: [] for case in predictors} for b in batches
+    }
+    for _ in range(repeats):
+        for batch, images in batches.items():
+            for case in rng.permutation(list(predictors)):
+                predict = predictors[str(case)]
+                start = time.perf_counter()
+                predict(images)
+                raw[str(batch)][str(case)].append(time.perf_counter() - start)
+    return raw
+
+
+def check_parity(
+    predictors: dict[str, Callable[[np.ndarray], np.ndarray]], images: np.ndarray
+) -> dict[str, float]:
+    """Largest |p_case - p_torch| on ``images``: every case must serve the same model."""
+    reference = predictors["torch"](images)
+    diffs = {}
+    for case, predict in predictors.items():
+        if case == "torch":
+            continue
+        diffs[case] = float(np.max(np.abs(predict(images) - reference)))
+        if not diffs[case] <= PARITY_TOLERANCE:
+            raise RuntimeError(
+                f"{case} disagrees with torch eager by {diffs[case]:.3g} "
+                f"(> {PARITY_TOLERANCE}): not the same model"
+            )
+    return diffs
+
+
+# --------------------------------------------------------------------------- 2. concurrency
+
+
+def own_channel(target: str) -> grpc.Channel:
+    """A channel with its own connection: by default gRPC shares one between channels of
+    the same target and arguments, which would multiplex every client on one socket."""
+    return grpc.insecure_channel(
+        target,
+        options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.use_local_subchannel_pool", 1),
+        ],
+    )
+
+
+def run_load(
+    target: str,
+    method: str,
+    requests: Sequence[Any],
+    *,
+    clients: int,
+    duration: float,
+    samples_in: Callable[[Any], int],
+    expected_samples: int,
+) -> dict[str, Any]:
+    """``clients`` threads call ``method`` back to back for ``duration`` seconds."""
+    results: list[dict[str, Any]] = [{} for _ in range(clients)]
+    window: dict[str, float] = {}
+
+    def open_window() -> None:
+        window["start"] = time.perf_counter()
+        window["deadline"] = window["start"] + duration
+
+    barrier = threading.Barrier(clients, action=open_window)
+
+    def worker(k: int) -> None:
+        latencies: list[float] = []
+        errors: Counter[str] = Counter()
+        samples = 0
+        channel = own_channel(target)
+        try:
+            call = getattr(pb_grpc.NoiseScoringStub(channel), method)
+            mine = [requests[(k + i) % len(requests)] for i in range(len(requests))]
+            try:  # connects the channel; not timed
+                call(mine[0], timeout=60)
+            except grpc.RpcError as err:
+                errors[f"warm-up {err.code().name}"] += 1
+            barrier.wait()
+            i = 0
+            while (start := time.perf_counter()) < window["deadline"]:
+                try:
+                    response = call(mine[i % len(mine)], timeout=60)
+                except grpc.RpcError as err:
+                    errors[err.code().name] += 1
+                else:
+                    latencies.append(time.perf_counter() - start)
+                    got = samples_in(response)
+                    if got == expected_samples:
+                        samples += got
+                    else:
+                        errors[f"wrong size {got}"] += 1
+                i += 1
+            finish = time.perf_counter()
+        finally:
+            channel.close()
+        results[k] = {
+            "latencies": latencies,
+            "errors": dict(errors),
+            "samples": samples,
+            "finish": finish,
+        }
+
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if any(not r for r in results):
+        raise RuntimeError(f"{method}: a client thread died; see the traceback above")
+    elapsed = max(r["finish"] for r in results) - window["start"]
+    latencies = [t for r in results for t in r["latencies"]]
+    errors: Counter[str] = Counter()
+    for r in results:
+        errors.update(r["errors"])
+    n_ok = len(latencies)
+    return {
+        "clients": clients,
+        "seconds": elapsed,
+        "requests": n_ok,
+        "requests_per_second": n_ok / elapsed,
+        "samples_per_second": sum(r["samples"] for r in results) / elapsed,
+        "samples_per_request": expected_samples,
+        **({"latency": percentiles(latencies)} if latencies else {}),
+        "errors": sum(errors.values()),
+        "error_kinds": dict(errors),
+        "requests_per_client": [len(r["latencies"]) for r in results],
+    }
+
+
+# --------------------------------------------------------------------------- 3. large job
+
+
+def synthetic_trust_csv(header: Sequence[str], rows: int, *, n_classes: int, seed: int) -> bytes:
+    """A ``trust.csv`` with the real columns and ``rows`` made-up samples."""
+    rng = np.random.default_rng(seed)
+    true = rng.integers(0, n_classes, rows)
+    flipped = rng.random(rows) < 0.3
+    observed = np.where(
+        flipped, (true + rng.integers(1, max(n_classes, 2), rows)) % n_classes, true
+    )
+    trust = np.where(
+        flipped, rng.uniform(0.55, 0.97, rows), 1.0 - np.abs(rng.normal(0, 0.02, rows))
+    )
+    flagged = trust < 0.95
+    corrected = np.where(flagged, (observed + 1) % n_classes, observed)
+    columns = {
+        "index": np.arange(rows),
+        "sample_id": [f"train/{i}" for i in range(rows)],
+        "observed_label": observed,
+        "trust": [f"{t:.6f}" for t in trust],
+        "flagged": flagged.astype(int),
+        "corrected_label": corrected,
+        "true_label": true,
+    }
+    unknown = [name for name in header if name not in columns]
+    if unknown:
+        raise RuntimeError(f"trust.csv has columns {unknown} this benchmark cannot synthesise")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(zip(*(columns[name] for name in header), strict=True))
+    return buffer.getvalue().encode()
+
+
+def write_synthetic_job(
+    store: ArtifactStore, job_id: str, real: JobStore, trust_csv: bytes, rows: int
+) -> None:
+    job = JobStore(store, job_id)
+    refs = [job.put("trust.csv", trust_csv, content_type="text/csv")]
+    for name in ("report.json", "spec.json", "model.onnx"):
+        refs.append(job.put(name, real.get(name, verify=name != "spec.json")))
+    job.write_manifest(
+        refs,
+        synthetic=True,
+        synthetic_rows=rows,
+        synthetic_note=(
+            f"benchmark data: trust.csv is made up ({rows} rows); report/spec/model copied "
+            f"from job {real.job_id}"
+        ),
+    )
+
+
+def read_stream(client: NoiseScoringClient, job_id: str) -> tuple[float, int]:
+    start = time.perf_counter()
+    rows = 0
+    for chunk in client.stub.StreamCorrections(pb.StreamCorrectionsRequest(job=f"jobs/{job_id}")):
+        rows += len(chunk.corrections)
+    return time.perf_counter() - start, rows
+
+
+def read_pages(client: NoiseScoringClient, job_id: str) -> tuple[float, int, list[float]]:
+    start = time.perf_counter()
+    rows, token, pages = 0, "", []
+    while True:
+        began = time.perf_counter()
+        page = client.stub.GetCorrections(
+            pb.GetCorrectionsRequest(job=f"jobs/{job_id}", page_size=PAGE_ROWS, page_token=token),
+            timeout=120,
+        )
+        pages.append(time.perf_counter() - began)
+        rows += len(page.corrections)
+        token = page.next_page_token
+        if not token:
+            return time.perf_counter() - start, rows, pages
+
+
+def measure_large_reads(
+    client: NoiseScoringClient, job_ids: dict[str, list[str]], rows: int
+) -> dict[str, Any]:
+    """Per read kind: a cold read of each fresh job copy, each followed by a warm read."""
+    raw: dict[str, Any] = {
+        "stream": {"cold_s": [], "warm_s": []},
+        "paged": {"cold_s": [], "warm_s": [], "cold_first_page_s": [], "warm_first_page_s": []},
+    }
+    for stream_id, paged_id in zip(job_ids["stream"], job_ids["paged"], strict=True):
+        for temperature in ("cold", "warm"):
+            seconds, got = read_stream(client, stream_id)
+            _check_rows("StreamCorrections", got, rows)
+            raw["stream"][f"{temperature}_s"].append(seconds)
+        for temperature in ("cold", "warm"):
+            seconds, got, pages = read_pages(client, paged_id)
+            _check_rows("GetCorrections", got, rows)
+            raw["paged"][f"{temperature}_s"].append(seconds)
+            raw["paged"][f"{temperature}_first_page_s"].append(pages[0])
+    return raw
+
+
+def _check_rows(what: str, got: int, rows: int) -> None:
+    if got != rows:
+        raise RuntimeError(f"{what} returned {got} rows, expected {rows}")
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def git(*args: str) -> str:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip()
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def environment(args: argparse.Namespace, extra: dict[str, Any], cmd: str) -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
+        "grpcio": grpc.__version__,
+        "device": f"cpu: {cpu_name()}",
+        "cpu_count": os.cpu_count(),
+        "threads": args.threads,
+        **extra,
+        "repeats": args.repeats,
+        "clients": args.clients,
+        "duration_s": args.duration,
+        "large_rows": args.large_rows,
+        "large_repeats": args.large_repeats,
+        "git_commit": git("rev-parse", "--short", "HEAD") or "uncommitted",
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "command": cmd,
+    }
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def summarise(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    predict: dict[str, Any] = {}
+    for batch, cases in raw["predict"].items():
+        stats = {case: percentiles(seconds) for case, seconds in cases.items()}
+        torch_p50 = stats["torch"]["p50_ms"]
+        predict[f"batch_{batch}"] = {
+            **stats,
+            "torch_over_onnxruntime": torch_p50 / stats["onnxruntime"]["p50_ms"],
+            "torch_over_predict_rpc": torch_p50 / stats["predict_rpc"]["p50_ms"],
+        }
+    throughput: dict[str, Any] = {}
+    for method, runs in raw["load"].items():
+        one, many = runs["1"], runs[str(args.clients)]
+        throughput[method] = {
+            "clients_1": _drop_lists(one),
+            f"clients_{args.clients}": _drop_lists(many),
+            "scaling": many["requests_per_second"] / one["requests_per_second"],
+            "errors": one["errors"] + many["errors"],
+        }
+    large: dict[str, Any] = {"synthetic": True, "rows": args.large_rows, "page_rows": PAGE_ROWS}
+    for kind, values in raw["large"].items():
+        large[kind] = {
+            f"{key.removesuffix('_s')}_median_s": statistics.median(seconds)
+            for key, seconds in values.items()
+        }
+        large[kind]["rows_per_second_warm"] = args.large_rows / large[kind]["warm_median_s"]
+    large["target_warm_s"] = LARGE_TARGET_S
+    large["target_met"] = all(
+        large[kind]["warm_median_s"] < LARGE_TARGET_S for kind in ("stream", "paged")
+    )
+    return {
+        "predict": predict,
+        "throughput": throughput,
+        "errors": sum(t["errors"] for t in throughput.values()),
+        "large_job": large,
+    }
+
+
+def _drop_lists(run: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in run.items() if k != "requests_per_client"}
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _ms(value: float) -> str:
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}"
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    s, env = result["summary"], result["environment"]
+    lines = [
+        "# Service benchmark",
+        "",
+        "Generated by `bench/bench_service.py`; ratios are against a baseline measured in "
+        "the same run. CPU only, "
+        f"{env['threads']} intra-op thread(s) for torch and onnxruntime; the server runs in "
+        f"a child process ({env['rpc_threads']} RPC threads) on the same "
+        f"{env['cpu_count']}-core machine as the clients, over loopback. Raw timings: "
+        "`service.json`; plot: `service.png`.",
+        "",
+        "## Predict latency",
+        "",
+        f"The job's model (`{env['model']}`, trained by the clean-labels flow: "
+        f"{env['job_source']}) on real {env['dataset']} test images; batch 256 cycles the "
+        f"{env['n_test']} test images. {env['repeats']} interleaved repeats per case. "
+        "Ratio: torch eager p50 / case p50 (> 1 = faster than torch eager).",
+        "",
+        "| batch | case | p50 (ms) | p99 (ms) | torch p50 / p50 |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    for batch in BATCH_SIZES:
+        row = s["predict"][f"batch_{batch}"]
+        ratios = {
+            "torch": "1.00 (baseline)",
+            "onnxruntime": f"{row['torch_over_onnxruntime']:.2f}",
+            "predict_rpc": f"{row['torch_over_predict_rpc']:.2f}",
+        }
+        for case in CASES:
+            lines.append(
+                f"| {batch} | {CASE_LABELS[case]} | {_ms(row[case]['p50_ms'])} "
+                f"| {_ms(row[case]['p99_ms'])} | {ratios[case]} |"
+            )
+    parity = result["raw"]["parity_max_abs_diff"]
+    lines += [
+        "",
+        "All three serve the same model: largest |p − p_torch| on the batch of 256 is "
+        + ", ".join(f"{v:.1e} ({CASE_LABELS[k]})" for k, v in parity.items())
+        + ". The RPC case is the typed client's `predict` (request built from uint8 arrays, "
+        "response turned back into an array), so it includes both ends' (de)serialisation.",
+        "",
+        "## Concurrency",
+        "",
+        f"Each client is a thread with its own channel and connection, calling back to back "
+        f"for {env['duration_s']:g} s; requests are built before the window. Scaling = "
+        f"requests/s with {env['clients']} clients / requests/s with 1 client.",
+        "",
+        "| RPC | per request | clients | requests/s | samples/s | p50 (ms) | p99 (ms) "
+        "| errors | scaling |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    what = {
+        "ScoreLabels": f"{SCORE_BATCH} images",
+        "GetCorrections": f"a page of {env['n_train']} rows",
+    }
+    for method, t in s["throughput"].items():
+        for key in ("clients_1", f"clients_{env['clients']}"):
+            run = t[key]
+            scaling = "1.00 (baseline)" if key == "clients_1" else f"{t['scaling']:.2f}"
+            lat = run.get("latency", {})
+            lines.append(
+                f"| {method} | {what[method]} | {run['clients']} "
+                f"| {run['requests_per_second']:.0f} | {run['samples_per_second']:.0f} "
+                f"| {_ms(lat.get('p50_ms', float('nan')))} | {_ms(lat.get('p99_ms', float('nan')))} "
+                f"| {run['errors']} | {scaling} |"
+            )
+    large = s["large_job"]
+    met = "met" if large["target_met"] else "**not met**"
+    lines += [
+        "",
+        f"Errors in all: {s['errors']} (must be 0).",
+        "",
+        f"## Large job read (synthetic, {large['rows']:,} rows)",
+        "",
+        f"**Synthetic data**: a made-up `trust.csv` of {large['rows']:,} rows (the real "
+        "MedMNIST training sets are smaller) in the real job layout, with `report.json`, "
+        "`spec.json` and `model.onnx` copied from the real job and a `manifest.json` written "
+        "by `JobStore`. Cold = the first read of a job (the server reads and verifies "
+        "`trust.csv` against the manifest and parses it); warm = the next read (parsed table "
+        f"cached). Each cold read is of a fresh copy; medians of {env['large_repeats']}. "
+        "Rows are counted with `len()` per message, not converted to Python objects.",
+        "",
+        "| read | cold (s) | warm (s) | warm rows/s | target: warm < 1 s |",
+        "|---|---:|---:|---:|---|",
+        f"| StreamCorrections, all rows | {large['stream']['cold_median_s']:.3f} "
+        f"| {large['stream']['warm_median_s']:.3f} "
+        f"| {large['stream']['rows_per_second_warm']:,.0f} "
+        f"| {'yes' if large['stream']['warm_median_s'] < LARGE_TARGET_S else 'no'} |",
+        f"| GetCorrections, pages of {PAGE_ROWS:,} | {large['paged']['cold_median_s']:.3f} "
+        f"| {large['paged']['warm_median_s']:.3f} "
+        f"| {large['paged']['rows_per_second_warm']:,.0f} "
+        f"| {'yes' if large['paged']['warm_median_s'] < LARGE_TARGET_S else 'no'} |",
+        f"| GetCorrections, first page only | {large['paged']['cold_first_page_median_s']:.3f} "
+        f"| {large['paged']['warm_first_page_median_s']:.3f} | | |",
+        "",
+        f"Target (warm read of all rows well under {LARGE_TARGET_S:g} s): {met}.",
+        "",
+        "## Environment",
+        "",
+        "```",
+        *(f"{key}: {value}" for key, value in env.items() if key != "command"),
+        "```",
+        "",
+        "## Command",
+        "",
+        "```",
+        env["command"],
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def render_plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s, env = result["summary"], result["environment"]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for ax, batch in zip(axes[0], BATCH_SIZES, strict=True):
+        row = s["predict"][f"batch_{batch}"]
+        p50 = [row[c]["p50_ms"] for c in CASES]
+        p99 = [row[c]["p99_ms"] for c in CASES]
+        ax.bar(range(3), p50, width=0.6, color=["C0", "C1", "C2"], alpha=0.7)
+        ax.errorbar(
+            range(3), p50, yerr=[[0] * 3, [b - a for a, b in zip(p50, p99, strict=True)]],
+            fmt="none", ecolor="k", capsize=5,
+        )  # fmt: skip
+        for i, value in enumerate(p50):
+            ax.text(i, value, f" {_ms(value)}", ha="left", va="bottom", fontsize=8)
+        ax.set_xticks(range(3), [CASE_LABELS[c].replace(" (", "\n(") for c in CASES], fontsize=8)
+        ax.set_ylabel("latency (ms)")
+        ax.set_title(
+            f"Predict, batch {batch}: bar p50, whisker p99\n"
+            f"torch/ORT = {row['torch_over_onnxruntime']:.2f}, "
+            f"torch/RPC = {row['torch_over_predict_rpc']:.2f}",
+            fontsize=9,
+        )
+
+    ax = axes[1][0]
+    methods = list(s["throughput"])
+    width = 0.38
+    for j, key in enumerate(("clients_1", f"clients_{env['clients']}")):
+        values = [s["throughput"][m][key]["requests_per_second"] for m in methods]
+        xs = [i + (j - 0.5) * width for i in range(len(methods))]
+        ax.bar(xs, values, width=width, color=f"C{j + 3}", alpha=0.7, label=key.replace("_", " "))
+        for x, value in zip(xs, values, strict=True):
+            ax.text(x, value, f"{value:.0f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(
+        range(len(methods)),
+        [f"{m}\nscaling {s['throughput'][m]['scaling']:.2f}x" for m in methods],
+        fontsize=8,
+    )
+    ax.set_ylabel("requests/s")
+    ax.set_title(f"Throughput, {env['duration_s']:g} s per run", fontsize=9)
+    ax.legend(fontsize=8)
+
+    ax = axes[1][1]
+    large = s["large_job"]
+    raw = result["raw"]["large"]
+    labels = ["stream\ncold", "stream\nwarm", "pages\ncold", "pages\nwarm"]
+    series = [raw["stream"]["cold_s"], raw["stream"]["warm_s"]]
+    series += [raw["paged"]["cold_s"], raw["paged"]["warm_s"]]
+    for i, values in enumerate(series):
+        ax.bar(
+            i, statistics.median(values), width=0.6, color=f"C{i // 2}", alpha=0.4 + 0.3 * (i % 2)
+        )
+        ax.scatter([i] * len(values), values, color="k", s=12, zorder=3)
+    ax.axhline(LARGE_TARGET_S, color="k", linestyle="--", linewidth=1)
+    ax.set_xticks(range(4), labels, fontsize=8)
+    ax.set_ylabel("seconds to read all rows")
+    ax.set_title(f"SYNTHETIC job, {large['rows']:,} rows: bar median, points reads", fontsize=9)
+    fig.suptitle(
+        f"noisescore service, {env['dataset']} {env['model']}, {env['device']}, "
+        f"{env['threads']} intra-op thread(s), {env['cpu_count']} cores",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110))
+    finally:
+        plt.close(fig)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="default: ../shared/data"
+    )
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="of the job trained here")
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--warmup-epochs", type=int, default=10)
+    parser.add_argument("--store", type=Path, help="an existing local store (with --job)")
+    parser.add_argument("--job", help="a finished job in --store instead of training one")
+    parser.add_argument("--threads", type=int, default=1, help="torch/onnxruntime intra-op")
+    parser.add_argument("--repeats", type=int, default=200, help="Predict latency repeats")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per load run")
+    parser.add_argument("--large-rows", type=int, default=100_000)
+    parser.add_argument("--large-repeats", type=int, default=5, help="cold and warm reads")
+    parser.add_argument("--seed", type=int, default=0, help="order of the latency cases")
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
+    args = parser.parse_args(argv)
+    if (args.store is None) != (args.job is None):
+        parser.error("--store and --job go together")
+    positive = ("threads", "repeats", "clients", "large_rows", "large_repeats", "epochs")
+    if any(getattr(args, name) < 1 for name in positive) or args.duration <= 0:
+        parser.error("--threads, --repeats, --clients, --large-rows, --large-repeats, --epochs "
+                     "and --duration must be positive")  # fmt: skip
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    cli = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(cli)
+    cmd = shlex.join(["python", "bench/bench_service.py", *cli])
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+
+    dataset = load_dataset(DATASET, data_dir=args.data_dir)
+    test = dataset.test
+    assert test is not None
+    work = Path(tempfile.mkdtemp(prefix="noisescore-bench-service-"))
+    try:
+        store_dir = work / "store"
+        store = LocalStore(store_dir)
+        train_seconds = None
+        if args.store is not None:
+            job_id = args.job
+            copy_job(LocalStore(args.store), store, job_id)
+            job_source = f"existing job {job_id} of {args.store}"
+        else:
+            job_id = "bench-service"
+            print("training the job (clean-labels flow)...", file=sys.stderr)
+            train_seconds = train_job(store_dir, job_id, args)
+            job_source = (
+                f"this run, epochs {args.epochs}, warm-up {args.warmup_epochs}, "
+                f"{NOISE_SPEC}, seed 0, cpu"
+            )
+        real = JobStore(store, job_id)
+        n_train = int(json.loads(real.get("report.json"))["dataset"]["n_train"])
+        net, ckpt = torch_model(real)
+
+        # Large-job copies are written before the server starts: it knows them from then on.
+        header = real.get("trust.csv").decode().split("\n", 1)[0].split(",")
+        trust_csv = synthetic_trust_csv(
+            header, args.large_rows, n_classes=int(ckpt["num_classes"]), seed=args.seed
+        )
+        large_ids = {
+            kind: [f"synthetic-{kind}-{i}" for i in range(args.large_repeats)]
+            for kind in ("stream", "paged")
+        }
+        for ids in large_ids.values():
+            for large_id in ids:
+                write_synthetic_job(store, large_id, real, trust_csv, args.large_rows)
+
+        with ServerProcess(store_dir, threads=args.threads, log=work / "server.log") as server:
+            with ort_threads(args.threads):
+                from noisescore.service.inference import OnnxModel
+
+                onnx = OnnxModel(real.get("model.onnx"))
+            client = NoiseScoringClient(server.target, timeout=120)
+
+            def torch_predict(images: np.ndarray) -> np.ndarray:
+                with torch.no_grad():
+                    return net(torch.from_numpy(images).float())[0].numpy()
+
+            predictors: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+                "torch": torch_predict,
+                "onnxruntime": onnx.predict_proba,
+                "predict_rpc": lambda images: client.predict(job_id, list(images)),
+            }
+            cycled = test.images[np.arange(max(BATCH_SIZES)) % len(test)]
+            batches = {b: np.ascontiguousarray(cycled[:b]) for b in BATCH_SIZES}
+            parity = check_parity(predictors, batches[max(BATCH_SIZES)])
+            print(f"Predict latency: {args.repeats} repeats...", file=sys.stderr)
+            raw_predict = measure_latency(predictors, batches, repeats=args.repeats, seed=args.seed)
+
+            score_requests = [
+                pb.ScoreLabelsRequest(
+                    job=f"jobs/{job_id}",
+                    samples=[
+                        pb.LabelledSample(image=image_message(test.images[i]), label=int(y))
+                        for i, y in zip(
+                            range(s, s + SCORE_BATCH),
+                            test.labels[s : s + SCORE_BATCH],
+                            strict=True,
+                        )
+                    ],
+                )
+                for s in range(0, len(test) - SCORE_BATCH + 1, SCORE_BATCH)
+            ]
+            page_request = pb.GetCorrectionsRequest(job=f"jobs/{job_id}", page_size=n_train)
+            loads: dict[str, tuple[list[Any], Callable[[Any], int], int]] = {
+                "ScoreLabels": (score_requests, lambda r: len(r.scores), SCORE_BATCH),
+                "GetCorrections": ([page_request], lambda r: len(r.corrections), n_train),
+            }
+            raw_load: dict[str, dict[str, Any]] = {}
+            for method, (requests, samples_in, expected) in loads.items():
+                raw_load[method] = {}
+                for clients in (1, args.clients):
+                    print(f"{method}: {clients} client(s)...", file=sys.stderr)
+                    raw_load[method][str(clients)] = run_load(
+                        server.target, method, requests, clients=clients,
+                        duration=args.duration, samples_in=samples_in,
+                        expected_samples=expected,
+                    )  # fmt: skip
+
+            print(f"large job: {args.large_rows} synthetic rows...", file=sys.stderr)
+            raw_large = measure_large_reads(client, large_ids, args.large_rows)
+            client.close()
+            rpc_threads = server.rpc_threads
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    raw = {
+        "predict": raw_predict,
+        "parity_max_abs_diff": parity,
+        "load": raw_load,
+        "large": raw_large,
+    }
+    extra = {
+        "dataset": DATASET,
+        "n_train": n_train,
+        "n_test": len(test),
+        "model": ckpt["model"],
+        "job_source": job_source,
+        "flow_seconds": round(train_seconds, 1) if train_seconds is not None else None,
+        "rpc_threads": rpc_threads,
+        "server": "child process, create_app(), LocalStore, 127.0.0.1 loopback",
+        "loadavg_1m_before": round(load_before[0], 2),
+        "loadavg_1m_after": round(os.getloadavg()[0], 2),
+    }
+    result = {
+        "environment": environment(args, extra, cmd),
+        "summary": summarise(raw, args),
+        "raw": raw,
+    }
+    out_dir = args.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_text(out_dir / "service.json", json.dumps(result, indent=2) + "\n")
+    _write_text(out_dir / "service.md", render_markdown(result))
+    render_plot(result, out_dir / "service.png")
+    return result
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == [SERVE_COMMAND]:
+        serve(sys.argv[2:])
+    else:
+        main()
