@@ -215,6 +215,9 @@ def test_cancel_a_running_job(client: NoiseScoringClient) -> None:
     while client.get(job.name).state != pb.Job.RUNNING:
         assert time.monotonic() < deadline
         time.sleep(0.2)
+    # A deadline is honoured: the watch of a running job ends with DEADLINE_EXCEEDED.
+    code, _ = _code(lambda: client.watch(job.name, timeout=1.0))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     cancelled = client.cancel(job.name)
     deadline = time.monotonic() + 60
     while cancelled.state != pb.Job.CANCELLED:
