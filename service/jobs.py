@@ -331,6 +331,24 @@ class JobManager:
         return [sys.executable, "-m", "noisescore.cli", "clean", *args]
 
     def _run(self, job_id: str) -> None:
+        """Run one job to its end; whatever happens, the job ends in a terminal state."""
+        try:
+            self._run_process(job_id)
+        except Exception as err:  # the store went away, the child could not start, ...
+            logger.exception("job %s: the runner failed", job_id)
+            with self._lock:
+                self._running.pop(job_id, None)
+            record = self._get(job_id)
+            if not record.terminal:
+                record.state, record.end_time = FAILED, _now()
+                record.error = f"the service could not run the job: {err}"
+                try:
+                    self._save(record)
+                except StorageError:
+                    with self._lock:  # at least this process answers correctly
+                        self._records[job_id] = record
+
+    def _run_process(self, job_id: str) -> None:
         record = self.get(job_id)
         with self._lock:
             running = self._running.setdefault(job_id, _Running())
