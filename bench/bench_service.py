@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import gc
 import io
 import json
 import os
@@ -128,8 +129,27 @@ def ort_threads(threads: int) -> Iterator[None]:
 # --------------------------------------------------------------------------- server child
 
 
+class GcPauses:
+    """Full (generation 2) garbage collections of this process, timed, per phase."""
+
+    def __init__(self) -> None:
+        self.phase = "start"
+        self.pauses: dict[str, list[float]] = {}
+        self._began = 0.0
+
+    def __call__(self, stage: str, info: dict[str, int]) -> None:
+        if info["generation"] != 2:
+            return
+        if stage == "start":
+            self._began = time.perf_counter()
+        else:
+            elapsed = time.perf_counter() - self._began
+            self.pauses.setdefault(self.phase, []).append(elapsed)
+
+
 def serve(argv: Sequence[str]) -> None:
-    """The server child process: start, print ``PORT <n>``, stop when stdin closes."""
+    """The server child process: start, print ``PORT <n> ...``, read ``phase NAME`` lines
+    from stdin; when stdin closes, stop and print the full-GC pauses per phase as JSON."""
     parser = argparse.ArgumentParser(prog=f"bench_service.py {SERVE_COMMAND}")
     parser.add_argument("--store", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=1)
@@ -142,13 +162,21 @@ def serve(argv: Sequence[str]) -> None:
         grpc_addr="127.0.0.1:0", metrics_addr=None, auth_tokens=None,
         tls_cert=None, tls_key=None, tls_client_ca=None,
     )  # fmt: skip
+    gc_pauses = GcPauses()
     with ort_threads(args.threads):
         app = create_app(settings, store=LocalStore(args.store)).start()
+        tracked = len(gc.get_objects())
+        gc.callbacks.append(gc_pauses)
         print(f"PORT {app.port} RPC_THREADS {settings.rpc_threads}", flush=True)
         try:
-            sys.stdin.read()  # until the parent closes it (or dies)
+            for line in sys.stdin:  # until the parent closes it (or dies)
+                if line.startswith("phase "):
+                    gc_pauses.phase = line.split(maxsplit=1)[1].strip()
         finally:
             app.stop(grace=1)
+            gc.callbacks.remove(gc_pauses)
+    report = {"tracked_objects_at_start": tracked, "gen2_pauses_s": gc_pauses.pauses}
+    print("GC " + json.dumps(report), flush=True)
 
 
 class ServerProcess:
@@ -161,6 +189,7 @@ class ServerProcess:
         self.process: subprocess.Popen[str] | None = None
         self.port = 0
         self.rpc_threads = 0
+        self.gc: dict[str, Any] = {}
 
     @property
     def target(self) -> str:
@@ -188,18 +217,33 @@ class ServerProcess:
         self.port, self.rpc_threads = int(fields[1]), int(fields[3])
         return self
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far (Linux ``/proc``; else NaN)."""
+        assert self.process is not None
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def phase(self, name: str) -> None:
+        """Attribute the server's garbage collections from now on to ``name``."""
+        assert self.process is not None and self.process.stdin is not None
+        self.process.stdin.write(f"phase {name}\n")
+        self.process.stdin.flush()
+
     def __exit__(self, *exc: object) -> None:
         process, self.process = self.process, None
         if process is None:
             return
-        with contextlib.suppress(OSError):
-            assert process.stdin is not None
-            process.stdin.close()
         try:
-            process.wait(timeout=30)
+            out, _ = process.communicate(timeout=60)  # closes stdin: the child stops
         except subprocess.TimeoutExpired:
             process.kill()
-            process.wait(timeout=10)
+            out, _ = process.communicate(timeout=10)
+        for line in (out or "").splitlines():
+            if line.startswith("GC "):
+                self.gc = json.loads(line[3:])
 
 
 # --------------------------------------------------------------------------- the real job
@@ -345,12 +389,18 @@ def run_load(
     duration: float,
     samples_in: Callable[[Any], int],
     expected_samples: int,
+    server_cpu: Callable[[], float],
 ) -> dict[str, Any]:
-    """``clients`` threads call ``method`` back to back for ``duration`` seconds."""
+    """``clients`` threads call ``method`` back to back for ``duration`` seconds.
+
+    ``server_cpu()`` is the server process's CPU time so far, in seconds: with this
+    process's own, it tells how many cores each side kept busy during the window.
+    """
     results: list[dict[str, Any]] = [{} for _ in range(clients)]
     window: dict[str, float] = {}
 
     def open_window() -> None:
+        window["server_cpu"], window["client_cpu"] = server_cpu(), time.process_time()
         window["start"] = time.perf_counter()
         window["deadline"] = window["start"] + duration
 
@@ -398,6 +448,8 @@ def run_load(
         thread.start()
     for thread in threads:
         thread.join()
+    server_cores = server_cpu() - window["server_cpu"]
+    client_cores = time.process_time() - window["client_cpu"]
     if any(not r for r in results):
         raise RuntimeError(f"{method}: a client thread died; see the traceback above")
     elapsed = max(r["finish"] for r in results) - window["start"]
@@ -413,6 +465,8 @@ def run_load(
         "requests_per_second": n_ok / elapsed,
         "samples_per_second": sum(r["samples"] for r in results) / elapsed,
         "samples_per_request": expected_samples,
+        "server_cpu_cores": server_cores / elapsed,
+        "client_cpu_cores": client_cores / elapsed,
         **({"latency": percentiles(latencies)} if latencies else {}),
         "errors": sum(errors.values()),
         "error_kinds": dict(errors),
@@ -589,20 +643,29 @@ def summarise(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         }
     large: dict[str, Any] = {"synthetic": True, "rows": args.large_rows, "page_rows": PAGE_ROWS}
     for kind, values in raw["large"].items():
-        large[kind] = {
-            f"{key.removesuffix('_s')}_median_s": statistics.median(seconds)
-            for key, seconds in values.items()
-        }
+        large[kind] = {}
+        for key, seconds in values.items():
+            name = key.removesuffix("_s")
+            large[kind][f"{name}_median_s"] = statistics.median(seconds)
+            large[kind][f"{name}_min_s"] = min(seconds)
+            large[kind][f"{name}_max_s"] = max(seconds)
         large[kind]["rows_per_second_warm"] = args.large_rows / large[kind]["warm_median_s"]
     large["target_warm_s"] = LARGE_TARGET_S
     large["target_met"] = all(
         large[kind]["warm_median_s"] < LARGE_TARGET_S for kind in ("stream", "paged")
     )
+    gc_report = raw.get("server_gc") or {}
+    server_gc = {
+        phase: {"count": len(pauses), "total_s": sum(pauses), "max_ms": 1e3 * max(pauses)}
+        for phase, pauses in gc_report.get("gen2_pauses_s", {}).items()
+    }
     return {
         "predict": predict,
         "throughput": throughput,
         "errors": sum(t["errors"] for t in throughput.values()),
         "large_job": large,
+        "server_gc_gen2": server_gc,
+        "server_tracked_objects": gc_report.get("tracked_objects_at_start"),
     }
 
 
@@ -667,11 +730,13 @@ def render_markdown(result: dict[str, Any]) -> str:
         "",
         f"Each client is a thread with its own channel and connection, calling back to back "
         f"for {env['duration_s']:g} s; requests are built before the window. Scaling = "
-        f"requests/s with {env['clients']} clients / requests/s with 1 client.",
+        f"requests/s with {env['clients']} clients / requests/s with 1 client. CPU cores busy: "
+        "CPU time of the server process and of the benchmark process (all client threads) "
+        f"over the window; the machine has {env['cpu_count']} cores, shared with other work.",
         "",
         "| RPC | per request | clients | requests/s | samples/s | p50 (ms) | p99 (ms) "
-        "| errors | scaling |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| errors | scaling | CPU cores busy: server + clients |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     what = {
         "ScoreLabels": f"{SCORE_BATCH} images",
@@ -681,12 +746,13 @@ def render_markdown(result: dict[str, Any]) -> str:
         for key in ("clients_1", f"clients_{env['clients']}"):
             run = t[key]
             scaling = "1.00 (baseline)" if key == "clients_1" else f"{t['scaling']:.2f}"
-            lat = run.get("latency", {})
+            lat = run.get("latency", {"p50_ms": float("nan"), "p99_ms": float("nan")})
             lines.append(
                 f"| {method} | {what[method]} | {run['clients']} "
                 f"| {run['requests_per_second']:.0f} | {run['samples_per_second']:.0f} "
-                f"| {_ms(lat.get('p50_ms', float('nan')))} | {_ms(lat.get('p99_ms', float('nan')))} "
-                f"| {run['errors']} | {scaling} |"
+                f"| {_ms(lat['p50_ms'])} | {_ms(lat['p99_ms'])} "
+                f"| {run['errors']} | {scaling} "
+                f"| {run['server_cpu_cores']:.2f} + {run['client_cpu_cores']:.2f} |"
             )
     large = s["large_job"]
     met = "met" if large["target_met"] else "**not met**"
@@ -704,21 +770,16 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"cached). Each cold read is of a fresh copy; medians of {env['large_repeats']}. "
         "Rows are counted with `len()` per message, not converted to Python objects.",
         "",
-        "| read | cold (s) | warm (s) | warm rows/s | target: warm < 1 s |",
+        "| read | cold (s), median [min–max] | warm (s), median [min–max] | warm rows/s "
+        "| warm < 1 s |",
         "|---|---:|---:|---:|---|",
-        f"| StreamCorrections, all rows | {large['stream']['cold_median_s']:.3f} "
-        f"| {large['stream']['warm_median_s']:.3f} "
-        f"| {large['stream']['rows_per_second_warm']:,.0f} "
-        f"| {'yes' if large['stream']['warm_median_s'] < LARGE_TARGET_S else 'no'} |",
-        f"| GetCorrections, pages of {PAGE_ROWS:,} | {large['paged']['cold_median_s']:.3f} "
-        f"| {large['paged']['warm_median_s']:.3f} "
-        f"| {large['paged']['rows_per_second_warm']:,.0f} "
-        f"| {'yes' if large['paged']['warm_median_s'] < LARGE_TARGET_S else 'no'} |",
-        f"| GetCorrections, first page only | {large['paged']['cold_first_page_median_s']:.3f} "
-        f"| {large['paged']['warm_first_page_median_s']:.3f} | | |",
+        _large_row("StreamCorrections, all rows", large["stream"], "", with_rate=True),
+        _large_row(f"GetCorrections, pages of {PAGE_ROWS:,}", large["paged"], "", with_rate=True),
+        _large_row("GetCorrections, first page only", large["paged"], "_first_page"),
         "",
         f"Target (warm read of all rows well under {LARGE_TARGET_S:g} s): {met}.",
         "",
+        *_gc_lines(s),
         "## Environment",
         "",
         "```",
@@ -733,6 +794,41 @@ def render_markdown(result: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _large_row(what: str, reads: dict[str, float], part: str, *, with_rate: bool = False) -> str:
+    def cell(temperature: str) -> str:
+        key = f"{temperature}{part}"
+        return (
+            f"{reads[f'{key}_median_s']:.3f} "
+            f"[{reads[f'{key}_min_s']:.3f}–{reads[f'{key}_max_s']:.3f}]"
+        )
+
+    if not with_rate:
+        return f"| {what} | {cell('cold')} | {cell('warm')} | | |"
+    ok = "yes" if reads["warm_median_s"] < LARGE_TARGET_S else "no"
+    return (
+        f"| {what} | {cell('cold')} | {cell('warm')} "
+        f"| {reads['rows_per_second_warm']:,.0f} | {ok} |"
+    )
+
+
+def _gc_lines(s: dict[str, Any]) -> list[str]:
+    if not s["server_gc_gen2"]:
+        return []
+    lines = [
+        "## Server garbage collection",
+        "",
+        "Full (generation 2) collections of CPython in the server process, timed with "
+        f"`gc.callbacks`; {s['server_tracked_objects']:,} GC-tracked objects after start "
+        "(each full collection walks all of them).",
+        "",
+        "| phase | full collections | total (s) | longest (ms) |",
+        "|---|---:|---:|---:|",
+    ]
+    for phase, g in s["server_gc_gen2"].items():
+        lines.append(f"| {phase} | {g['count']} | {g['total_s']:.2f} | {g['max_ms']:.0f} |")
+    return [*lines, ""]
 
 
 def render_plot(result: dict[str, Any], path: Path) -> None:
@@ -839,6 +935,43 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def prepare_job(args: argparse.Namespace, store_dir: Path) -> tuple[str, str, float | None]:
+    """The real job in the benchmark's store: ``(job_id, where it came from, flow seconds)``."""
+    if args.store is not None:
+        copy_job(LocalStore(args.store), LocalStore(store_dir), args.job)
+        return args.job, f"existing job {args.job} of {args.store}", None
+    job_id = "bench-service"
+    print("training the job (clean-labels flow)...", file=sys.stderr)
+    seconds = train_job(store_dir, job_id, args)
+    source = (
+        f"trained in this run, epochs {args.epochs}, warm-up {args.warmup_epochs}, "
+        f"{NOISE_SPEC}, seed 0, cpu"
+    )
+    return job_id, source, seconds
+
+
+def load_requests(
+    job_id: str, images: np.ndarray, labels: np.ndarray, n_train: int
+) -> dict[str, tuple[list[Any], Callable[[Any], int], int]]:
+    """Per RPC: the requests to cycle through, how many samples a response holds, and
+    how many it must hold."""
+    score = [
+        pb.ScoreLabelsRequest(
+            job=f"jobs/{job_id}",
+            samples=[
+                pb.LabelledSample(image=image_message(images[i]), label=int(labels[i]))
+                for i in range(start, start + SCORE_BATCH)
+            ],
+        )
+        for start in range(0, len(images) - SCORE_BATCH + 1, SCORE_BATCH)
+    ]
+    page = pb.GetCorrectionsRequest(job=f"jobs/{job_id}", page_size=n_train)
+    return {
+        "ScoreLabels": (score, lambda r: len(r.scores), SCORE_BATCH),
+        "GetCorrections": ([page], lambda r: len(r.corrections), n_train),
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cli = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(cli)
@@ -846,31 +979,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
 
-    dataset = load_dataset(DATASET, data_dir=args.data_dir)
-    test = dataset.test
-    assert test is not None
+    test = load_dataset(DATASET, data_dir=args.data_dir).test
+    assert test is not None, f"{DATASET} has no test split"
     work = Path(tempfile.mkdtemp(prefix="noisescore-bench-service-"))
+    raw: dict[str, Any] = {}
     try:
         store_dir = work / "store"
         store = LocalStore(store_dir)
-        train_seconds = None
-        if args.store is not None:
-            job_id = args.job
-            copy_job(LocalStore(args.store), store, job_id)
-            job_source = f"existing job {job_id} of {args.store}"
-        else:
-            job_id = "bench-service"
-            print("training the job (clean-labels flow)...", file=sys.stderr)
-            train_seconds = train_job(store_dir, job_id, args)
-            job_source = (
-                f"this run, epochs {args.epochs}, warm-up {args.warmup_epochs}, "
-                f"{NOISE_SPEC}, seed 0, cpu"
-            )
+        job_id, job_source, flow_seconds = prepare_job(args, store_dir)
         real = JobStore(store, job_id)
         n_train = int(json.loads(real.get("report.json"))["dataset"]["n_train"])
         net, ckpt = torch_model(real)
+        with ort_threads(args.threads):
+            from noisescore.service.inference import OnnxModel
 
-        # Large-job copies are written before the server starts: it knows them from then on.
+            onnx = OnnxModel(real.get("model.onnx"))
+
+        # Written before the server starts, which then lists them as SUCCEEDED jobs.
         header = real.get("trust.csv").decode().split("\n", 1)[0].split(",")
         trust_csv = synthetic_trust_csv(
             header, args.large_rows, n_classes=int(ckpt["num_classes"]), seed=args.seed
@@ -879,16 +1004,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             kind: [f"synthetic-{kind}-{i}" for i in range(args.large_repeats)]
             for kind in ("stream", "paged")
         }
-        for ids in large_ids.values():
-            for large_id in ids:
-                write_synthetic_job(store, large_id, real, trust_csv, args.large_rows)
+        for large_id in (*large_ids["stream"], *large_ids["paged"]):
+            write_synthetic_job(store, large_id, real, trust_csv, args.large_rows)
 
-        with ServerProcess(store_dir, threads=args.threads, log=work / "server.log") as server:
-            with ort_threads(args.threads):
-                from noisescore.service.inference import OnnxModel
-
-                onnx = OnnxModel(real.get("model.onnx"))
-            client = NoiseScoringClient(server.target, timeout=120)
+        server = ServerProcess(store_dir, threads=args.threads, log=work / "server.log")
+        with server, NoiseScoringClient(server.target, timeout=120) as client:
 
             def torch_predict(images: np.ndarray) -> np.ndarray:
                 with torch.no_grad():
@@ -901,61 +1021,41 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             }
             cycled = test.images[np.arange(max(BATCH_SIZES)) % len(test)]
             batches = {b: np.ascontiguousarray(cycled[:b]) for b in BATCH_SIZES}
-            parity = check_parity(predictors, batches[max(BATCH_SIZES)])
+            server.phase("predict")
+            raw["parity_max_abs_diff"] = check_parity(predictors, batches[max(BATCH_SIZES)])
             print(f"Predict latency: {args.repeats} repeats...", file=sys.stderr)
-            raw_predict = measure_latency(predictors, batches, repeats=args.repeats, seed=args.seed)
+            raw["predict"] = measure_latency(
+                predictors, batches, repeats=args.repeats, seed=args.seed
+            )
 
-            score_requests = [
-                pb.ScoreLabelsRequest(
-                    job=f"jobs/{job_id}",
-                    samples=[
-                        pb.LabelledSample(image=image_message(test.images[i]), label=int(y))
-                        for i, y in zip(
-                            range(s, s + SCORE_BATCH),
-                            test.labels[s : s + SCORE_BATCH],
-                            strict=True,
-                        )
-                    ],
-                )
-                for s in range(0, len(test) - SCORE_BATCH + 1, SCORE_BATCH)
-            ]
-            page_request = pb.GetCorrectionsRequest(job=f"jobs/{job_id}", page_size=n_train)
-            loads: dict[str, tuple[list[Any], Callable[[Any], int], int]] = {
-                "ScoreLabels": (score_requests, lambda r: len(r.scores), SCORE_BATCH),
-                "GetCorrections": ([page_request], lambda r: len(r.corrections), n_train),
-            }
-            raw_load: dict[str, dict[str, Any]] = {}
+            raw["load"] = {}
+            loads = load_requests(job_id, test.images, test.labels, n_train)
             for method, (requests, samples_in, expected) in loads.items():
-                raw_load[method] = {}
+                raw["load"][method] = {}
                 for clients in (1, args.clients):
                     print(f"{method}: {clients} client(s)...", file=sys.stderr)
-                    raw_load[method][str(clients)] = run_load(
+                    server.phase(f"{method} x{clients}")
+                    raw["load"][method][str(clients)] = run_load(
                         server.target, method, requests, clients=clients,
                         duration=args.duration, samples_in=samples_in,
-                        expected_samples=expected,
+                        expected_samples=expected, server_cpu=server.cpu_seconds,
                     )  # fmt: skip
 
             print(f"large job: {args.large_rows} synthetic rows...", file=sys.stderr)
-            raw_large = measure_large_reads(client, large_ids, args.large_rows)
-            client.close()
-            rpc_threads = server.rpc_threads
+            server.phase("large job")
+            raw["large"] = measure_large_reads(client, large_ids, args.large_rows)
+        raw["server_gc"] = server.gc
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    raw = {
-        "predict": raw_predict,
-        "parity_max_abs_diff": parity,
-        "load": raw_load,
-        "large": raw_large,
-    }
     extra = {
         "dataset": DATASET,
         "n_train": n_train,
         "n_test": len(test),
         "model": ckpt["model"],
         "job_source": job_source,
-        "flow_seconds": round(train_seconds, 1) if train_seconds is not None else None,
-        "rpc_threads": rpc_threads,
+        "flow_seconds": round(flow_seconds, 1) if flow_seconds is not None else None,
+        "rpc_threads": server.rpc_threads,
         "server": "child process, create_app(), LocalStore, 127.0.0.1 loopback",
         "loadavg_1m_before": round(load_before[0], 2),
         "loadavg_1m_after": round(os.getloadavg()[0], 2),

@@ -204,7 +204,8 @@ class JobManager:
     def _get(self, job_id: str) -> JobRecord:
         with self._lock:
             record = self._records.get(job_id)
-        if record is None or not record.terminal:
+            ours = job_id in self._running  # this process's runner owns its state
+        if record is None or not (record.terminal or ours):
             loaded = self._load(job_id)
             if loaded is not None and (record is None or loaded.terminal):
                 record = loaded

@@ -192,7 +192,7 @@ def test_health_and_reflection_without_stubs(app: App) -> None:
 # --------------------------------------------------------------------------- jobs
 
 
-def test_submit_runs_the_flow_and_idempotency(client: NoiseScoringClient) -> None:
+def test_submit_runs_the_flow_and_idempotency(client: NoiseScoringClient, store_dir: Path) -> None:
     kwargs: dict[str, Any] = dict(
         epochs=2, warmup_epochs=1, seed=1, noise="symmetric:0.2", device="cpu",
         idempotency_key="svc-test-key",
@@ -207,6 +207,16 @@ def test_submit_runs_the_flow_and_idempotency(client: NoiseScoringClient) -> Non
     done = client.get(job.name)
     assert done.result.n_train == N_TRAIN and done.HasField("end_time")
     assert sum(1 for _ in client.corrections(done.name)) == N_TRAIN
+    # A restarted service answers for the job submitted to the previous one.
+    restarted = create_app(_settings(metrics_addr=None), store=LocalStore(store_dir)).start()
+    try:
+        with NoiseScoringClient(f"127.0.0.1:{restarted.port}") as c:
+            assert c.get(done.name) == done
+            assert (
+                sum(1 for _ in c.corrections(done.name, only_flagged=True)) == done.result.n_flagged
+            )
+    finally:
+        restarted.stop(grace=1)
 
 
 def test_cancel_a_running_job(client: NoiseScoringClient) -> None:
@@ -543,3 +553,28 @@ def test_serve_command_starts_and_stops_on_sigterm(store_dir: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_storage_down_is_unavailable(tmp_path: Path) -> None:
+    from conftest import S3Server
+
+    from noisescore.storage import open_store
+
+    server = S3Server(tmp_path / "s3").start()
+    try:
+        app = create_app(_settings(metrics_addr=None), store=open_store(server.settings())).start()
+        try:
+            with NoiseScoringClient(f"127.0.0.1:{app.port}") as c:
+                assert list(c.list()) == []
+                server.stop()
+                code, details = _code(lambda: c.get("some-job"))
+                assert code == grpc.StatusCode.UNAVAILABLE and "unreachable" in details
+                assert _code(lambda: list(c.list()))[0] == grpc.StatusCode.UNAVAILABLE
+                code, _ = _code(
+                    lambda: c.submit("medmnist://breastmnist", epochs=1, warmup_epochs=1)
+                )
+                assert code == grpc.StatusCode.UNAVAILABLE
+        finally:
+            app.stop(grace=1)
+    finally:
+        server.stop()
