@@ -60,7 +60,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import grpc
 import numpy as np
@@ -90,6 +89,9 @@ CASE_LABELS = {
     "onnxruntime": "onnxruntime direct",
     "predict_rpc": "Predict RPC (loopback)",
 }
+# Latency rows: key of raw["predict"] -> label. Interleaved, every call follows ~0.1 s of
+# other work (an isolated request); back to back, the same call repeated (a hot loop).
+LATENCY_ROWS = {"1": "1", "256": "256", "1_back_to_back": "1, back to back"}
 SCORE_BATCH = 16
 PAGE_ROWS = 10_000
 LARGE_TARGET_S = 1.0
@@ -99,31 +101,6 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # as NoiseScoringClient
 
 
 # --------------------------------------------------------------------------- threads
-
-
-def ort_session_factory(threads: int) -> Callable[..., ort.InferenceSession]:
-    """A ``load_session`` with ``threads`` intra-op threads on the CPU provider.
-
-    The service's ``OnnxModel`` takes no session options, so the benchmark swaps this in
-    for :func:`noisescore.ml.export.load_session` where ``OnnxModel`` looks it up.
-    """
-
-    def load_session(onnx_bytes: bytes, *, providers: Any = None) -> ort.InferenceSession:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        return ort.InferenceSession(
-            onnx_bytes, sess_options=options, providers=["CPUExecutionProvider"]
-        )
-
-    return load_session
-
-
-@contextlib.contextmanager
-def ort_threads(threads: int) -> Iterator[None]:
-    with mock.patch("noisescore.service.inference.load_session", ort_session_factory(threads)):
-        yield
 
 
 # --------------------------------------------------------------------------- server child
@@ -160,22 +137,26 @@ def serve(argv: Sequence[str]) -> None:
 
     settings = ServiceSettings(
         grpc_addr="127.0.0.1:0", metrics_addr=None, auth_tokens=None,
-        tls_cert=None, tls_key=None, tls_client_ca=None,
+        tls_cert=None, tls_key=None, tls_client_ca=None, onnx_threads=args.threads,
     )  # fmt: skip
     gc_pauses = GcPauses()
-    with ort_threads(args.threads):
-        app = create_app(settings, store=LocalStore(args.store)).start()
-        tracked = len(gc.get_objects())
-        gc.callbacks.append(gc_pauses)
-        print(f"PORT {app.port} RPC_THREADS {settings.rpc_threads}", flush=True)
-        try:
-            for line in sys.stdin:  # until the parent closes it (or dies)
-                if line.startswith("phase "):
-                    gc_pauses.phase = line.split(maxsplit=1)[1].strip()
-        finally:
-            app.stop(grace=1)
-            gc.callbacks.remove(gc_pauses)
-    report = {"tracked_objects_at_start": tracked, "gen2_pauses_s": gc_pauses.pauses}
+    app = create_app(settings, store=LocalStore(args.store)).start()
+    tracked = len(gc.get_objects())  # what a full collection still walks
+    frozen = gc.get_freeze_count()  # what App.start() moved out of its reach
+    gc.callbacks.append(gc_pauses)
+    print(f"PORT {app.port} RPC_THREADS {settings.rpc_threads}", flush=True)
+    try:
+        for line in sys.stdin:  # until the parent closes it (or dies)
+            if line.startswith("phase "):
+                gc_pauses.phase = line.split(maxsplit=1)[1].strip()
+    finally:
+        app.stop(grace=1)
+        gc.callbacks.remove(gc_pauses)
+    report = {
+        "tracked_objects_at_start": tracked,
+        "frozen_objects_at_start": frozen,
+        "gen2_pauses_s": gc_pauses.pauses,
+    }
     print("GC " + json.dumps(report), flush=True)
 
 
@@ -343,6 +324,25 @@ def measure_latency(
                 start = time.perf_counter()
                 predict(images)
                 raw[str(batch)][str(case)].append(time.perf_counter() - start)
+    return raw
+
+
+def measure_back_to_back(
+    predictors: dict[str, Callable[[np.ndarray], np.ndarray]],
+    images: np.ndarray,
+    *,
+    repeats: int,
+) -> dict[str, list[float]]:
+    """Seconds per call of each case called ``repeats`` times in a row (after warm-up)."""
+    raw: dict[str, list[float]] = {}
+    for case, predict in predictors.items():
+        for _ in range(WARMUP_CALLS):
+            predict(images)
+        raw[case] = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            predict(images)
+            raw[case].append(time.perf_counter() - start)
     return raw
 
 
@@ -590,6 +590,22 @@ def git(*args: str) -> str:
     return out.stdout.strip()
 
 
+def machine_busy_seconds() -> float:
+    """CPU time all cores of the machine spent busy since boot (Linux ``/proc/stat``)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return float("nan")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_busy_seconds(server: ServerProcess) -> float:
+    """CPU time of this process (all threads) and of the server child so far."""
+    times = os.times()
+    return times.user + times.system + server.cpu_seconds()
+
+
 def cpu_name() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -614,7 +630,11 @@ def environment(args: argparse.Namespace, extra: dict[str, Any], cmd: str) -> di
         "large_rows": args.large_rows,
         "large_repeats": args.large_repeats,
         "git_commit": git("rev-parse", "--short", "HEAD") or "uncommitted",
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        # Dirty: tracked files changed, or this script itself not committed as it is.
+        "git_dirty": bool(
+            git("status", "--porcelain", "--untracked-files=no")
+            or git("status", "--porcelain", "--", str(Path(__file__).resolve()))
+        ),
         "command": cmd,
     }
 
@@ -666,6 +686,7 @@ def summarise(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "large_job": large,
         "server_gc_gen2": server_gc,
         "server_tracked_objects": gc_report.get("tracked_objects_at_start"),
+        "server_frozen_objects": gc_report.get("frozen_objects_at_start"),
     }
 
 
@@ -698,16 +719,16 @@ def render_markdown(result: dict[str, Any]) -> str:
         "",
         "## Predict latency",
         "",
-        f"The job's model (`{env['model']}`, trained by the clean-labels flow: "
-        f"{env['job_source']}) on real {env['dataset']} test images; batch 256 cycles the "
+        f"The job's model (`{env['model']}`; {env['job_source']}) on real "
+        f"{env['dataset']} test images; batch 256 cycles the "
         f"{env['n_test']} test images. {env['repeats']} interleaved repeats per case. "
         "Ratio: torch eager p50 / case p50 (> 1 = faster than torch eager).",
         "",
         "| batch | case | p50 (ms) | p99 (ms) | torch p50 / p50 |",
-        "|---:|---|---:|---:|---:|",
+        "|---|---|---:|---:|---:|",
     ]
-    for batch in BATCH_SIZES:
-        row = s["predict"][f"batch_{batch}"]
+    for key, label in LATENCY_ROWS.items():
+        row = s["predict"][f"batch_{key}"]
         ratios = {
             "torch": "1.00 (baseline)",
             "onnxruntime": f"{row['torch_over_onnxruntime']:.2f}",
@@ -715,7 +736,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         }
         for case in CASES:
             lines.append(
-                f"| {batch} | {CASE_LABELS[case]} | {_ms(row[case]['p50_ms'])} "
+                f"| {label} | {CASE_LABELS[case]} | {_ms(row[case]['p50_ms'])} "
                 f"| {_ms(row[case]['p99_ms'])} | {ratios[case]} |"
             )
     parity = result["raw"]["parity_max_abs_diff"]
@@ -724,7 +745,10 @@ def render_markdown(result: dict[str, Any]) -> str:
         "All three serve the same model: largest |p − p_torch| on the batch of 256 is "
         + ", ".join(f"{v:.1e} ({CASE_LABELS[k]})" for k, v in parity.items())
         + ". The RPC case is the typed client's `predict` (request built from uint8 arrays, "
-        "response turned back into an array), so it includes both ends' (de)serialisation.",
+        "response turned back into an array), so it includes both ends' (de)serialisation. "
+        "Batches 1 and 256 are interleaved: every call follows about 0.1 s of other work, as "
+        "an isolated request would. *Back to back* repeats the same batch-1 call "
+        f"{env['repeats']} times in a row: a hot loop, where nothing else ran in between.",
         "",
         "## Concurrency",
         "",
@@ -820,8 +844,10 @@ def _gc_lines(s: dict[str, Any]) -> list[str]:
         "## Server garbage collection",
         "",
         "Full (generation 2) collections of CPython in the server process, timed with "
-        f"`gc.callbacks`; {s['server_tracked_objects']:,} GC-tracked objects after start "
-        "(each full collection walks all of them).",
+        f"`gc.callbacks`. After start the service froze {s['server_frozen_objects'] or 0:,} "
+        "objects (`gc.freeze()` in `App.start`: the imports of torch, timm and onnx) and "
+        f"{s['server_tracked_objects']:,} stayed GC-tracked; a full collection walks only "
+        "those.",
         "",
         "| phase | full collections | total (s) | longest (ms) |",
         "|---|---:|---:|---:|",
@@ -839,35 +865,59 @@ def render_plot(result: dict[str, Any], path: Path) -> None:
 
     s, env = result["summary"], result["environment"]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    for ax, batch in zip(axes[0], BATCH_SIZES, strict=True):
-        row = s["predict"][f"batch_{batch}"]
-        p50 = [row[c]["p50_ms"] for c in CASES]
-        p99 = [row[c]["p99_ms"] for c in CASES]
-        ax.bar(range(3), p50, width=0.6, color=["C0", "C1", "C2"], alpha=0.7)
-        ax.errorbar(
-            range(3), p50, yerr=[[0] * 3, [b - a for a, b in zip(p50, p99, strict=True)]],
-            fmt="none", ecolor="k", capsize=5,
-        )  # fmt: skip
-        for i, value in enumerate(p50):
-            ax.text(i, value, f" {_ms(value)}", ha="left", va="bottom", fontsize=8)
-        ax.set_xticks(range(3), [CASE_LABELS[c].replace(" (", "\n(") for c in CASES], fontsize=8)
+    panels = [("1", "1_back_to_back"), ("256",)]
+    for ax, keys in zip(axes[0], panels, strict=True):
+        x = 0
+        ticks: list[int] = []
+        names: list[str] = []
+        for key in keys:
+            row = s["predict"][f"batch_{key}"]
+            hot = key.endswith("back_to_back")
+            p50 = [row[c]["p50_ms"] for c in CASES]
+            p99 = [row[c]["p99_ms"] for c in CASES]
+            xs = list(range(x, x + len(CASES)))
+            ax.bar(
+                xs, p50, width=0.6, color=["C0", "C1", "C2"], alpha=0.7,
+                hatch="//" if hot else None, edgecolor="k" if hot else None,
+            )  # fmt: skip
+            ax.errorbar(
+                xs, p50, yerr=[[0] * len(CASES), [b - a for a, b in zip(p50, p99, strict=True)]],
+                fmt="none", ecolor="k", capsize=4,
+            )  # fmt: skip
+            for xi, value in zip(xs, p50, strict=True):
+                ax.text(xi, value, f" {_ms(value)}", ha="left", va="bottom", fontsize=7)
+            ticks += xs
+            names += [
+                CASE_LABELS[c].replace(" (loopback)", "").replace(" ", "\n", 1) for c in CASES
+            ]
+            if len(keys) > 1:
+                ax.annotate(
+                    "back to back" if hot else "interleaved", xy=(xs[1], 0.96),
+                    xycoords=("data", "axes fraction"), ha="center", va="top", fontsize=8,
+                )  # fmt: skip
+            x += len(CASES) + 1
+        ax.set_xticks(ticks, names, fontsize=7)
         ax.set_ylabel("latency (ms)")
-        ax.set_title(
-            f"Predict, batch {batch}: bar p50, whisker p99\n"
-            f"torch/ORT = {row['torch_over_onnxruntime']:.2f}, "
-            f"torch/RPC = {row['torch_over_predict_rpc']:.2f}",
-            fontsize=9,
+        ratios = [(k, s["predict"][f"batch_{k}"]) for k in keys]
+        title = "; ".join(
+            f"{LATENCY_ROWS[k]}: torch/ORT {r['torch_over_onnxruntime']:.2f}, "
+            f"torch/RPC {r['torch_over_predict_rpc']:.2f}"
+            for k, r in ratios
         )
+        ax.set_title(f"Predict, batch {keys[0]}: bar p50, whisker p99\n{title}", fontsize=8)
 
     ax = axes[1][0]
     methods = list(s["throughput"])
     width = 0.38
     for j, key in enumerate(("clients_1", f"clients_{env['clients']}")):
         values = [s["throughput"][m][key]["requests_per_second"] for m in methods]
-        xs = [i + (j - 0.5) * width for i in range(len(methods))]
-        ax.bar(xs, values, width=width, color=f"C{j + 3}", alpha=0.7, label=key.replace("_", " "))
-        for x, value in zip(xs, values, strict=True):
-            ax.text(x, value, f"{value:.0f}", ha="center", va="bottom", fontsize=8)
+        centres = [i + (j - 0.5) * width for i in range(len(methods))]
+        ax.bar(
+            centres, values, width=width, color=f"C{j + 3}", alpha=0.7,
+            label=key.replace("_", " "),
+        )  # fmt: skip
+        for centre, value in zip(centres, values, strict=True):
+            ax.text(centre, value, f"{value:.0f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(
         range(len(methods)),
         [f"{m}\nscaling {s['throughput'][m]['scaling']:.2f}x" for m in methods],
@@ -944,8 +994,8 @@ def prepare_job(args: argparse.Namespace, store_dir: Path) -> tuple[str, str, fl
     print("training the job (clean-labels flow)...", file=sys.stderr)
     seconds = train_job(store_dir, job_id, args)
     source = (
-        f"trained in this run, epochs {args.epochs}, warm-up {args.warmup_epochs}, "
-        f"{NOISE_SPEC}, seed 0, cpu"
+        f"trained in this run by the clean-labels flow: epochs {args.epochs}, warm-up "
+        f"{args.warmup_epochs}, {NOISE_SPEC}, seed 0, cpu"
     )
     return job_id, source, seconds
 
@@ -990,10 +1040,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         real = JobStore(store, job_id)
         n_train = int(json.loads(real.get("report.json"))["dataset"]["n_train"])
         net, ckpt = torch_model(real)
-        with ort_threads(args.threads):
-            from noisescore.service.inference import OnnxModel
+        from noisescore.service.inference import OnnxModel
 
-            onnx = OnnxModel(real.get("model.onnx"))
+        onnx = OnnxModel(real.get("model.onnx"), intra_op_threads=args.threads)
 
         # Written before the server starts, which then lists them as SUCCEEDED jobs.
         header = real.get("trust.csv").decode().split("\n", 1)[0].split(",")
@@ -1021,11 +1070,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             }
             cycled = test.images[np.arange(max(BATCH_SIZES)) % len(test)]
             batches = {b: np.ascontiguousarray(cycled[:b]) for b in BATCH_SIZES}
+            busy_before = (machine_busy_seconds(), own_busy_seconds(server), time.time())
             server.phase("predict")
             raw["parity_max_abs_diff"] = check_parity(predictors, batches[max(BATCH_SIZES)])
             print(f"Predict latency: {args.repeats} repeats...", file=sys.stderr)
             raw["predict"] = measure_latency(
                 predictors, batches, repeats=args.repeats, seed=args.seed
+            )
+            raw["predict"]["1_back_to_back"] = measure_back_to_back(
+                predictors, batches[1], repeats=args.repeats
             )
 
             raw["load"] = {}
@@ -1044,6 +1097,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(f"large job: {args.large_rows} synthetic rows...", file=sys.stderr)
             server.phase("large job")
             raw["large"] = measure_large_reads(client, large_ids, args.large_rows)
+            machine, own, wall = (
+                after - before
+                for after, before in zip(
+                    (machine_busy_seconds(), own_busy_seconds(server), time.time()),
+                    busy_before,
+                    strict=True,
+                )
+            )
         raw["server_gc"] = server.gc
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -1059,6 +1120,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "server": "child process, create_app(), LocalStore, 127.0.0.1 loopback",
         "loadavg_1m_before": round(load_before[0], 2),
         "loadavg_1m_after": round(os.getloadavg()[0], 2),
+        # Cores kept busy by other processes while this one measured (0 = a quiet machine).
+        "other_cpu_cores_during_measurements": round(max(machine - own, 0.0) / wall, 2),
     }
     result = {
         "environment": environment(args, extra, cmd),

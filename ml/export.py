@@ -279,7 +279,10 @@ def onnx_providers() -> list[str]:
 
 
 def load_session(
-    onnx_bytes: bytes, *, providers: Sequence[str | tuple[str, dict[str, Any]]] | None = None
+    onnx_bytes: bytes,
+    *,
+    providers: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
+    intra_op_threads: int = 0,
 ) -> ort.InferenceSession:
     """An onnxruntime session for exported bytes.
 
@@ -292,6 +295,8 @@ def load_session(
         :func:`onnx_providers`. A plain ``"CUDAExecutionProvider"`` runs with TF32 off
         (``use_tf32=0``) so GPU results stay within :data:`PARITY_TOLERANCE` of float32
         torch; pass ``("CUDAExecutionProvider", {...})`` to choose otherwise.
+    intra_op_threads : int, keyword-only
+        Threads of one run on the CPU; 0 = onnxruntime's default (one per core).
 
     Returns
     -------
@@ -304,6 +309,9 @@ def load_session(
     ]
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: keep CLI output clean
+    if intra_op_threads > 0:
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
     return ort.InferenceSession(onnx_bytes, sess_options=options, providers=resolved)
 
 

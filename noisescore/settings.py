@@ -115,6 +115,9 @@ class ServiceSettings(BaseSettings):
     job_workers: int = Field(1, ge=1, le=64, description="cleaning jobs run at once")
     max_queue: int = Field(16, ge=0, le=10_000, description="queued jobs before RESOURCE_EXHAUSTED")
     max_batch: int = Field(1024, ge=1, le=65_536, description="images per Predict/ScoreLabels")
+    onnx_threads: int = Field(
+        0, ge=0, le=256, description="onnxruntime threads per call; 0 = one per core"
+    )
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="gRPC message limit")
     job_runner: Literal["auto", "local", "prefect"] = Field(
         "auto",

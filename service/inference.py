@@ -333,11 +333,14 @@ class OnnxModel:
         providers: Providers | None = None,
         max_run_batch: int = 256,
         observe: Observer | None = None,
+        intra_op_threads: int = 0,
     ) -> None:
         if max_run_batch < 1:
             raise ValueError(f"max_run_batch must be >= 1, got {max_run_batch}")
         try:
-            self._session = load_session(onnx_bytes, providers=providers)
+            self._session = load_session(
+                onnx_bytes, providers=providers, intra_op_threads=intra_op_threads
+            )
         except Exception as err:  # onnxruntime raises its own exception types
             raise ModelError(f"onnxruntime cannot load the model: {err}") from err
         inputs = [i.name for i in self._session.get_inputs()]
@@ -408,7 +411,7 @@ class ModelCache:
         the job does not exist) propagate from :meth:`get` unchanged.
     capacity : int, keyword-only
         Most models kept; the least recently used one is dropped beyond it.
-    providers, observe
+    providers, observe, intra_op_threads
         Passed to every :class:`OnnxModel`.
     """
 
@@ -419,6 +422,7 @@ class ModelCache:
         capacity: int = 8,
         providers: Providers | None = None,
         observe: Observer | None = None,
+        intra_op_threads: int = 0,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
@@ -426,6 +430,7 @@ class ModelCache:
         self.capacity = int(capacity)
         self._providers = providers
         self._observe = observe
+        self._threads = intra_op_threads
         self._lock = threading.Lock()
         self._models: OrderedDict[str, OnnxModel] = OrderedDict()
         self._loading: dict[str, Future[OnnxModel]] = {}
@@ -455,7 +460,10 @@ class ModelCache:
             return pending.result()
         try:
             model = OnnxModel(
-                self._loader(job_id), providers=self._providers, observe=self._observe
+                self._loader(job_id),
+                providers=self._providers,
+                observe=self._observe,
+                intra_op_threads=self._threads,
             )
         except BaseException as err:
             with self._lock:

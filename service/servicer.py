@@ -306,10 +306,13 @@ class NoiseScoringServicer(pb_grpc.NoiseScoringServicer):
         *,
         max_batch: int = 1024,
         observe_inference: Callable[[float, int], None] | None = None,
+        onnx_threads: int = 0,
     ) -> None:
         self.jobs = jobs
         self.max_batch = max_batch
-        self.models = ModelCache(self._onnx_bytes, observe=observe_inference)
+        self.models = ModelCache(
+            self._onnx_bytes, observe=observe_inference, intra_op_threads=onnx_threads
+        )
         self._tables = _LRU(8)
         self._results = _LRU(64)
 

@@ -44,7 +44,7 @@ def test_bench_service_writes_outputs(tmp_path: Path, data_dir: Path) -> None:
     assert saved["summary"] == json.loads(json.dumps(result["summary"]))
     raw, summary, env = saved["raw"], saved["summary"], saved["environment"]
 
-    for batch in ("1", "256"):
+    for batch in ("1", "256", "1_back_to_back"):
         for case in ("torch", "onnxruntime", "predict_rpc"):
             seconds = raw["predict"][batch][case]
             assert len(seconds) == 3 and all(t > 0 for t in seconds), (batch, case)
@@ -74,6 +74,7 @@ def test_bench_service_writes_outputs(tmp_path: Path, data_dir: Path) -> None:
 
     assert env["threads"] == 1 and env["n_train"] == 546 and env["model"] == "noisescore_cnn"
     assert env["job_source"].startswith("trained in this run")
+    assert env["other_cpu_cores_during_measurements"] >= 0
     assert "bench/bench_service.py" in env["command"] and env["git_commit"]
     md = (out_dir / "service.md").read_text()
     for heading in ("## Predict latency", "## Concurrency", "## Large job read (synthetic"):
