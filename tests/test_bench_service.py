@@ -70,7 +70,7 @@ def test_bench_service_writes_outputs(tmp_path: Path, data_dir: Path) -> None:
     for kind in ("stream", "paged"):
         assert large[kind]["cold_median_s"] > 0 and large[kind]["warm_median_s"] > 0
     assert isinstance(large["target_met"], bool)
-    assert summary["server_tracked_objects"] > 0  # the server child reported back
+    assert summary["server_frozen_objects"] > 0  # the server child reported back (gc.freeze)
 
     assert env["threads"] == 1 and env["n_train"] == 546 and env["model"] == "noisescore_cnn"
     assert env["job_source"].startswith("trained in this run")
