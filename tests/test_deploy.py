@@ -249,6 +249,18 @@ def test_service_in_prefect_mode_submits_deployment_runs(
                 time.sleep(0.5)
             assert job.state == pb.Job.SUCCEEDED, job.error
             assert sum(1 for _ in client.corrections(job.name)) == 546
+            # Cancelling a running deployment run: Prefect stops it, the job ends CANCELLED.
+            long = client.submit("medmnist://breastmnist", epochs=500, warmup_epochs=10)
+            deadline = time.monotonic() + 120
+            while client.get(long.name).state != pb.Job.RUNNING:
+                assert time.monotonic() < deadline, client.get(long.name)
+                time.sleep(0.5)
+            client.cancel(long.name)
+            deadline = time.monotonic() + 120
+            while (cancelled := client.get(long.name)).state != pb.Job.CANCELLED:
+                assert cancelled.state == pb.Job.RUNNING, cancelled
+                assert time.monotonic() < deadline, cancelled
+                time.sleep(0.5)
     finally:
         app.stop(grace=1)
     again = create_app(settings, store=LocalStore(store)).start()  # a restart keeps it
