@@ -9,6 +9,7 @@ them in memory for benchmarks. Nothing here knows about the CLI, Prefect or stor
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
@@ -96,17 +97,27 @@ class Warmup:
     def history(self) -> list[EpochStats]:
         return [EpochStats.from_dict(h) for h in self.trainer_state["history"]]
 
+    _ARRAYS = ("trust_by_epoch", "predicted_labels", "observed_labels")
+
     def to_bytes(self, *, fingerprint: str) -> bytes:
-        """Serialise as a checkpoint; ``fingerprint`` ties it to the settings that made it."""
+        """Serialise as a checkpoint; ``fingerprint`` ties it to the settings that made it.
+
+        Only tensors, numbers, strings and containers: it loads with ``weights_only=True``,
+        so a tampered checkpoint in a shared bucket cannot run code in a worker.
+        """
+        state: dict[str, Any] = {"format": WARMUP_FORMAT, "fingerprint": fingerprint, **vars(self)}
+        for name in self._ARRAYS:
+            state[name] = torch.from_numpy(np.ascontiguousarray(state[name]))
         buffer = io.BytesIO()
-        torch.save({"format": WARMUP_FORMAT, "fingerprint": fingerprint, **vars(self)}, buffer)
+        torch.save(state, buffer)
         return buffer.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes, *, fingerprint: str) -> Warmup:
         """Load a checkpoint; ValueError when it was made by different settings."""
-        try:  # our own checkpoint, read back from our own store (verified by sha256)
-            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        try:  # MultiStepLR keeps its milestones in a Counter: the one non-tensor type
+            with torch.serialization.safe_globals([collections.Counter]):
+                state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as err:
             raise ValueError(f"not a noisescore warm-up checkpoint: {err}") from err
         if not isinstance(state, dict) or state.get("format") != WARMUP_FORMAT:
@@ -114,6 +125,8 @@ class Warmup:
         if state.get("fingerprint") != fingerprint:
             raise ValueError("the warm-up checkpoint was made with different settings")
         del state["format"], state["fingerprint"]
+        for name in cls._ARRAYS:
+            state[name] = state[name].numpy()
         return cls(**state)
 
 

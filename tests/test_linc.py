@@ -193,3 +193,10 @@ def test_warmup_checkpoint_refuses_other_settings() -> None:
         clean.Warmup.from_bytes(blob, fingerprint=clean.warmup_fingerprint(other, data))
     with pytest.raises(ValueError, match="not a noisescore warm-up checkpoint"):
         clean.Warmup.from_bytes(b"junk", fingerprint="x")
+    # A pickle with arbitrary objects (code a tampered bucket could run) is refused.
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"format": clean.WARMUP_FORMAT, "payload": Memo(2, 2)}, buffer)
+    with pytest.raises(ValueError, match="not a noisescore warm-up checkpoint"):
+        clean.Warmup.from_bytes(buffer.getvalue(), fingerprint="x")
