@@ -147,8 +147,8 @@ class JobManager:
         except (ValueError, TypeError) as err:
             logger.warning("job %s: unreadable %s (%s)", job_id, RECORD, err)
             record = None
+        complete = job.is_complete()  # one manifest read per load
         if record is None:
-            complete = job.is_complete()
             if not complete and not job.exists("spec.json"):
                 return None
             # A job made outside the service (noisescore clean, a deployment) on this store.
@@ -160,9 +160,9 @@ class JobManager:
             if not complete:
                 record.error = "not started by this service and not published (yet)"
             return record
-        if not record.terminal and job.is_complete():
+        if not record.terminal and complete:
             record.state, record.end_time = SUCCEEDED, record.end_time or _now()
-        if record.state == SUCCEEDED and not job.is_complete():
+        if record.state == SUCCEEDED and not complete:
             record.state, record.error = FAILED, "job.json says SUCCEEDED but there is no manifest"
         return record
 
@@ -179,7 +179,7 @@ class JobManager:
             record = self._load(job_id)
             if record is None:
                 continue
-            if not record.terminal and not self._job(job_id).is_complete():
+            if not record.terminal:  # _load made a published job SUCCEEDED already
                 was = record.state.lower()
                 record.state, record.end_time = FAILED, _now()
                 record.error = (

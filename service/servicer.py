@@ -32,6 +32,7 @@ from noisescore.service.inference import (
     InputError,
     ModelCache,
     ModelError,
+    OnnxModel,
     TensorImage,
     decode_images,
     score_labels,
@@ -423,6 +424,13 @@ class NoiseScoringServicer(pb_grpc.NoiseScoringServicer):
                 raise RequestError(f"images[{i}]: set either encoded or tensor")
         return decode_images(inputs, info)
 
+    def _model_for(self, job: str, n: int, what: str) -> tuple[str, OnnxModel]:
+        """The job id and ONNX model behind a batch of ``n`` ``what`` (checked first)."""
+        job_id = parse_job_name(job, field="job")
+        self._check_batch(n, what)
+        self._succeeded(job_id)
+        return job_id, self.models.get(job_id)
+
     def _check_batch(self, n: int, what: str) -> None:
         if n == 0:
             raise RequestError(f"{what} is empty: send at least one")
@@ -546,10 +554,7 @@ class NoiseScoringServicer(pb_grpc.NoiseScoringServicer):
     def ScoreLabels(
         self, request: pb.ScoreLabelsRequest, context: grpc.ServicerContext
     ) -> pb.ScoreLabelsResponse:
-        job_id = parse_job_name(request.job, field="job")
-        self._check_batch(len(request.samples), "samples")
-        self._succeeded(job_id)
-        model = self.models.get(job_id)
+        job_id, model = self._model_for(request.job, len(request.samples), "samples")
         images = self._images((s.image for s in request.samples), model.info)
         labels = np.array([s.label for s in request.samples], dtype=np.int64)
         cutoff = self._result(job_id).suspect_cutoff
@@ -573,10 +578,7 @@ class NoiseScoringServicer(pb_grpc.NoiseScoringServicer):
     def Predict(
         self, request: pb.PredictRequest, context: grpc.ServicerContext
     ) -> pb.PredictResponse:
-        job_id = parse_job_name(request.job, field="job")
-        self._check_batch(len(request.images), "images")
-        self._succeeded(job_id)
-        model = self.models.get(job_id)
+        _, model = self._model_for(request.job, len(request.images), "images")
         probabilities = model.predict_proba(self._images(request.images, model.info))
         return pb.PredictResponse(
             predictions=[
