@@ -18,7 +18,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[all,dev]"
 	@touch $(STAMP)
 
 run: $(STAMP)
@@ -46,7 +46,7 @@ serve: $(STAMP)
 	$(BIN)/noisescore serve
 
 results: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
+	$(BIN)/python -m pip install --quiet -e ".[all,dev,bench]"
 	$(BIN)/python bench/paper_results.py --jobs 2
 
 clean:
