@@ -30,14 +30,35 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
-ONNX_FORMAT = "noisescore.onnx.v1"
+from noisescore.ml.onnx_runtime import (
+    INPUT_NAME,
+    ONNX_FORMAT,
+    OUTPUT_NAMES,
+    load_session,
+    onnx_providers,
+    read_metadata,
+)
+
+__all__ = [
+    "INPUT_NAME",
+    "ONNX_FORMAT",
+    "OUTPUT_NAMES",
+    "PARITY_TOLERANCE",
+    "ExportError",
+    "ParityReport",
+    "ProbabilityModel",
+    "check_parity",
+    "export_onnx",
+    "export_with_parity",
+    "load_session",
+    "onnx_providers",
+    "read_metadata",
+]
+
 PARITY_TOLERANCE = 1e-4
-INPUT_NAME = "images"
-OUTPUT_NAMES = ("probabilities", "logits")
 # Keys export_onnx writes itself; caller metadata may not shadow them.
 RESERVED_METADATA = (
     "noisescore.format",
@@ -262,87 +283,6 @@ class ParityReport:
     def as_dict(self) -> dict[str, Any]:
         """Plain ``dict`` for JSON reports and artifact metadata."""
         return asdict(self)
-
-
-def onnx_providers() -> list[str]:
-    """Execution providers to run exported models with, best first.
-
-    Returns
-    -------
-    list of str
-        ``["CUDAExecutionProvider", "CPUExecutionProvider"]`` when onnxruntime has the
-        CUDA provider (``onnxruntime-gpu``), else ``["CPUExecutionProvider"]``.
-    """
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
-def load_session(
-    onnx_bytes: bytes,
-    *,
-    providers: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
-    intra_op_threads: int = 0,
-) -> ort.InferenceSession:
-    """An onnxruntime session for exported bytes.
-
-    Parameters
-    ----------
-    onnx_bytes : bytes
-        A model from :func:`export_onnx`.
-    providers : sequence, optional, keyword-only
-        onnxruntime providers, names or ``(name, options)`` pairs; default
-        :func:`onnx_providers`. A plain ``"CUDAExecutionProvider"`` runs with TF32 off
-        (``use_tf32=0``) so GPU results stay within :data:`PARITY_TOLERANCE` of float32
-        torch; pass ``("CUDAExecutionProvider", {...})`` to choose otherwise.
-    intra_op_threads : int, keyword-only
-        Threads of one run on the CPU; 0 = onnxruntime's default (one per core).
-
-    Returns
-    -------
-    onnxruntime.InferenceSession
-    """
-    chosen = list(onnx_providers() if providers is None else providers)
-    resolved = [
-        ("CUDAExecutionProvider", {"use_tf32": "0"}) if p == "CUDAExecutionProvider" else p
-        for p in chosen
-    ]
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: keep CLI output clean
-    if intra_op_threads > 0:
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = 1
-    return ort.InferenceSession(onnx_bytes, sess_options=options, providers=resolved)
-
-
-def read_metadata(
-    session_or_bytes: ort.InferenceSession | bytes | onnx.ModelProto,
-) -> dict[str, str]:
-    """The ``metadata_props`` of an exported model.
-
-    Parameters
-    ----------
-    session_or_bytes : onnxruntime.InferenceSession, bytes or onnx.ModelProto
-        A loaded session, the serialized model, or the parsed proto.
-
-    Returns
-    -------
-    dict of str to str
-        ``noisescore.format``, ``model``, ``num_classes``, ``in_chans``, ``img_size``,
-        ``mean``, ``std`` (JSON lists) and the caller's extra metadata.
-    """
-    if isinstance(session_or_bytes, ort.InferenceSession):
-        return dict(session_or_bytes.get_modelmeta().custom_metadata_map)
-    if isinstance(session_or_bytes, bytes | bytearray | memoryview):
-        proto = onnx.load_from_string(bytes(session_or_bytes))
-    elif isinstance(session_or_bytes, onnx.ModelProto):
-        proto = session_or_bytes
-    else:
-        raise TypeError(
-            "read_metadata takes an onnxruntime.InferenceSession, bytes or onnx.ModelProto; "
-            f"got {type(session_or_bytes).__name__}"
-        )
-    return {p.key: p.value for p in proto.metadata_props}
 
 
 def check_parity(

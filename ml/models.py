@@ -28,7 +28,16 @@ import torch
 from timm.models import register_model
 from torch import nn
 
-DEFAULT_MODEL = "noisescore_cnn"
+from noisescore.ml.model_names import DEFAULT_MODEL, ModelError, check_model_name
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "ModelError",
+    "SmallCNN",
+    "check_model_name",
+    "check_registered_model",
+    "create_model",
+]
 
 
 class SmallCNN(nn.Module):
@@ -79,11 +88,7 @@ def noisescore_cnn(pretrained: bool = False, **kwargs: object) -> SmallCNN:
     return SmallCNN(**kwargs)  # type: ignore[arg-type]
 
 
-class ModelError(ValueError):
-    """A model name, checkpoint or configuration that cannot be built."""
-
-
-def check_model_name(name: str) -> str:
+def check_registered_model(name: str) -> str:
     """``name`` if timm can build it, else :class:`ModelError` with close names."""
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=6, cutoff=0.6)
@@ -138,7 +143,7 @@ def create_model(
     torch.nn.Module
         The model, in training mode, on the CPU.
     """
-    check_model_name(name)
+    check_registered_model(name)
     kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans}
     is_vit = name.startswith("vit_")
     if is_vit or _accepts(name, "img_size"):

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 import numpy as np
-from scipy import stats
 
 __all__ = [
     "NOISE_KINDS",
@@ -540,6 +539,8 @@ def instance_noise(
         raise NoiseSpecError("images must have at least one feature per sample")
     if not (np.issubdtype(flat.dtype, np.number) or flat.dtype == np.bool_):
         raise NoiseSpecError(f"images must be numeric, got dtype {images.dtype}")
+
+    from scipy import stats  # training-only dependency; the service parses specs without it
 
     s = INSTANCE_RATE_STD
     dist = stats.truncnorm((0.0 - p) / s, (1.0 - p) / s, loc=p, scale=s)

@@ -164,6 +164,9 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("--grpc-addr", help="host:port to bind (default 127.0.0.1:50051)")
     p.add_argument("--metrics-addr", help="host:port of /metrics (default 127.0.0.1:9464)")
+    p.add_argument(
+        "--health-addr", help="host:port of a plaintext health-only server (default: none)"
+    )
     p.add_argument("--store-dir", help="local artifact store when no S3 endpoint is set")
 
 
@@ -227,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_flow(sub)
     _add_verify(sub)
     _add_serve(sub)
+    # Handled before parsing (noisescore.healthcheck); listed here for --help.
+    sub.add_parser(
+        "health",
+        help="exit 0 when a running service reports SERVING (gRPC health checking)",
+        add_help=False,
+    )
     _add_jobs(sub)
     _add_results(sub)
     return parser
@@ -400,7 +409,12 @@ def _format_validation(err: ValidationError) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    for flag, env in (("grpc_addr", "GRPC_ADDR"), ("metrics_addr", "METRICS_ADDR")):
+    flags = (
+        ("grpc_addr", "GRPC_ADDR"),
+        ("metrics_addr", "METRICS_ADDR"),
+        ("health_addr", "HEALTH_ADDR"),
+    )
+    for flag, env in flags:
         if getattr(args, flag):
             os.environ[f"NOISESCORE_{env}"] = getattr(args, flag)
     if args.store_dir:
@@ -415,6 +429,8 @@ def _serve(args: argparse.Namespace) -> int:
     if app.metrics_port and settings.metrics_addr:
         host = settings.metrics_addr.rsplit(":", 1)[0]
         where += f", metrics on http://{host}:{app.metrics_port}/metrics"
+    if app.service.health_port and settings.health_addr:
+        where += f", health on {settings.health_addr.rsplit(':', 1)[0]}:{app.service.health_port}"
     print(f"noisescore serving {where}", flush=True)
     try:
         serve_forever(app.service)
@@ -530,6 +546,11 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["health"]:  # light: no settings, storage or Prefect imports
+        from noisescore import healthcheck
+
+        return healthcheck.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     import grpc

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from noisescore.ml.models import DEFAULT_MODEL, check_model_name
+from noisescore.ml.model_names import DEFAULT_MODEL, check_model_name
 from noisescore.ml.noise import parse_noise_spec
 
 
@@ -106,6 +106,11 @@ class ServiceSettings(BaseSettings):
     grpc_addr: str = Field("127.0.0.1:50051", description="host:port the gRPC server binds")
     metrics_addr: str | None = Field(
         "127.0.0.1:9464", description="host:port of the Prometheus /metrics endpoint; empty = off"
+    )
+    health_addr: str | None = Field(
+        None,
+        description="host:port of a plaintext server with only gRPC health checking (for "
+        "probes that cannot use TLS or tokens); empty = health on grpc_addr only",
     )
     auth_tokens: SecretStr | None = Field(None, description="comma-separated bearer tokens")
     tls_cert: Path | None = Field(None, description="server certificate (PEM); enables TLS")

@@ -35,14 +35,13 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from noisescore.ml.export import (
+from noisescore.ml.onnx_runtime import (
     INPUT_NAME,
     ONNX_FORMAT,
     OUTPUT_NAMES,
     load_session,
     read_metadata,
 )
-from noisescore.ml.metrics import suspect_cutoff  # noqa: F401  (the job's cut-off, re-exported)
 
 # Largest decoded image accepted, in pixels (Pillow's MAX_IMAGE_PIXELS idea, stricter):
 # the check runs on the header, before any pixel is decompressed.

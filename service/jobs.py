@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from noisescore.jobs import IncompleteJob, JobStore, list_jobs, new_job_id
+from noisescore.ml.model_names import training_runtime_available
 from noisescore.storage import ArtifactNotFound, ArtifactStore, StorageError
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,11 @@ TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 class JobNotFound(KeyError):
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class NoTrainingRuntime(RuntimeError):
+    """FAILED_PRECONDITION: jobs would run here, but this install cannot train (the
+    service image has no torch); they must go through Prefect workers instead."""
 
 
 class QueueFull(RuntimeError):
@@ -125,6 +131,17 @@ class JobManager:
         self._records: dict[str, JobRecord] = {}
         self._closed = False
         self._recover()
+
+    def _check_can_run(self) -> None:
+        """Jobs are child processes that train: refuse them up front without torch."""
+        if self.command is None and not training_runtime_available():
+            raise NoTrainingRuntime(
+                "this service cannot run cleaning jobs itself: torch/timm are not installed "
+                "(the service image serves scores, corrections and predictions only). Run "
+                "jobs on Prefect workers: set PREFECT_API_URL and NOISESCORE_JOB_RUNNER=prefect "
+                "(NOISESCORE_PREFECT_DEPLOYMENT names the deployment), or install "
+                "noisescore[train,cpu]"
+            )
 
     # ------------------------------------------------------------------- records
 
@@ -241,6 +258,7 @@ class JobManager:
 
     def submit(self, spec: dict[str, Any], *, idempotency_key: str = "") -> JobRecord:
         """Queue a job for ``spec`` (CleanSettings fields); the same key gives the same job."""
+        self._check_can_run()
         with self._lock:
             if self._closed:
                 raise QueueFull("the service is shutting down")
@@ -447,6 +465,9 @@ class PrefectJobManager(JobManager):
     from the shared artifact store. Jobs survive a restart of the service."""
 
     deployment: str = "clean-labels/local"
+
+    def _check_can_run(self) -> None:
+        """Prefect workers train, not this process."""
 
     def _recover(self) -> None:
         for job_id in list_jobs(self.store):

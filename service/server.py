@@ -11,7 +11,9 @@ What a client sees:
 - ``noisescore.v1.NoiseScoring`` on ``grpc_addr`` (TLS when ``tls_cert``/``tls_key`` are
   set, client certificates required when ``tls_client_ca`` is set too);
 - ``grpc.health.v1.Health`` with ``""`` and ``"noisescore.v1.NoiseScoring"`` SERVING
-  until shutdown begins, NOT_SERVING from then on; never behind auth;
+  until shutdown begins, NOT_SERVING from then on; never behind auth; also alone on the
+  plaintext ``health_addr`` when that is set (for Kubernetes ``grpc:`` probes, which
+  cannot use TLS);
 - server reflection (``grpc.reflection.v1alpha.ServerReflection``), so ``grpcurl`` works
   without our protos; it needs the bearer token when auth is on;
 - ``UNAUTHENTICATED`` without a valid ``authorization: Bearer <token>`` when
@@ -44,7 +46,14 @@ from noisescore.v1 import noise_scoring_pb2_grpc as pb_grpc
 if TYPE_CHECKING:
     from noisescore.settings import ServiceSettings
 
-__all__ = ["SERVICE_NAME", "Service", "build_server", "serve_forever", "server_credentials"]
+__all__ = [
+    "SERVICE_NAME",
+    "Service",
+    "build_health_server",
+    "build_server",
+    "serve_forever",
+    "server_credentials",
+]
 
 _LOG = logging.getLogger(__name__)
 
@@ -167,6 +176,37 @@ def build_server(
     return server, port, health_servicer
 
 
+def build_health_server(
+    health_servicer: health.HealthServicer, addr: str
+) -> tuple[grpc.Server, int]:
+    """A bound, not yet started plaintext server with only ``grpc.health.v1.Health``.
+
+    It shares ``health_servicer`` with the main server, so both report the same status
+    (NOT_SERVING from the start of a shutdown). It exists because Kubernetes' native
+    ``grpc:`` probes and most load balancers' health checks cannot speak TLS or send a
+    bearer token: the main port may need both, this one carries no data.
+    """
+    parse_addr(addr)
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=2, thread_name_prefix="noisescore-health"),
+        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4096)],
+        maximum_concurrent_rpcs=16,
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = 0
+    try:
+        port = server.add_insecure_port(addr)
+    except RuntimeError as error:
+        _LOG.debug("binding %s failed: %s", addr, error)
+    if not port:
+        server.stop(None)
+        raise ValueError(
+            f"cannot bind the health server to {addr!r}: the port is in use or the host is "
+            "not an address of this machine (set NOISESCORE_HEALTH_ADDR to a free host:port)"
+        )
+    return server, port
+
+
 class Service:
     """The running service: the gRPC server plus the ``/metrics`` HTTP endpoint.
 
@@ -187,8 +227,10 @@ class Service:
         self.metrics = metrics if metrics is not None else ServiceMetrics()
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.health_port: int | None = None
         self.health: health.HealthServicer | None = None
         self._server: grpc.Server | None = None
+        self._health_server: grpc.Server | None = None
         self._lock = threading.Lock()
         self._stopping = False
         self._stopped = threading.Event()
@@ -216,14 +258,24 @@ class Service:
             server, port, health_servicer = build_server(
                 self.servicer, self.settings, metrics=self.metrics
             )
-            if self.settings.metrics_addr:
-                try:
+            health_server: grpc.Server | None = None
+            try:
+                if self.settings.health_addr:
+                    health_server, self.health_port = build_health_server(
+                        health_servicer, self.settings.health_addr
+                    )
+                if self.settings.metrics_addr:
                     _, self.metrics_port = self.metrics.start_http(self.settings.metrics_addr)
-                except Exception:
-                    server.stop(None)
-                    raise
+            except Exception:
+                server.stop(None)
+                if health_server is not None:
+                    health_server.stop(None)
+                raise
             server.start()
+            if health_server is not None:
+                health_server.start()
             self._server, self.port, self.health = server, port, health_servicer
+            self._health_server = health_server
         s = self.settings
         _LOG.info(
             "serving %s on %s (port %d; %s, auth %s)%s",
@@ -232,7 +284,8 @@ class Service:
             port,
             "mTLS" if s.tls_client_ca else "TLS" if s.tls_cert else "plaintext",
             "on" if s.tokens() else "off",
-            f"; metrics on port {self.metrics_port}" if self.metrics_port else "",
+            (f"; metrics on port {self.metrics_port}" if self.metrics_port else "")
+            + (f"; health on port {self.health_port}" if self.health_port else ""),
         )
         return self
 
@@ -258,6 +311,8 @@ class Service:
         if not first:
             self._stopped.wait()
             return
+        if self._health_server is not None:  # last: probes see NOT_SERVING while draining
+            self._health_server.stop(None).wait()
         self.metrics.stop_http()
         self._stopped.set()
         _LOG.info("stopped")

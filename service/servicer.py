@@ -44,6 +44,7 @@ from noisescore.service.jobs import (
     JobManager,
     JobNotFound,
     JobRecord,
+    NoTrainingRuntime,
     OrchestratorUnavailable,
     QueueFull,
 )
@@ -81,7 +82,10 @@ def _status_of(err: Exception) -> tuple[grpc.StatusCode, str] | None:
     codes: list[tuple[type[Exception] | tuple[type[Exception], ...], grpc.StatusCode]] = [
         (JobNotFound, grpc.StatusCode.NOT_FOUND),
         ((RequestError, InputError, NoiseSpecError), grpc.StatusCode.INVALID_ARGUMENT),
-        ((NotReady, IncompleteJob, ModelError), grpc.StatusCode.FAILED_PRECONDITION),
+        (
+            (NotReady, IncompleteJob, ModelError, NoTrainingRuntime),
+            grpc.StatusCode.FAILED_PRECONDITION,
+        ),
         ((QueueFull, TooLarge), grpc.StatusCode.RESOURCE_EXHAUSTED),
         ((StorageUnavailable, OrchestratorUnavailable), grpc.StatusCode.UNAVAILABLE),
         (ChecksumMismatch, grpc.StatusCode.DATA_LOSS),

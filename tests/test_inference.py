@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from noisescore.ml.export import ProbabilityModel, export_onnx, read_metadata
+from noisescore.ml.metrics import suspect_cutoff
 from noisescore.ml.models import create_model
 from noisescore.service.inference import (
     MAX_IMAGE_PIXELS,
@@ -26,7 +27,6 @@ from noisescore.service.inference import (
     TensorImage,
     decode_images,
     score_labels,
-    suspect_cutoff,
 )
 
 NUM_CLASSES = 3

@@ -52,3 +52,22 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
 def test_unknown_model_name_suggests_close_names() -> None:
     with pytest.raises(ModelError, match=r"unknown model 'resnet19'.*resnet18"):
         create_model("resnet19", num_classes=2, in_chans=1, img_size=28)
+
+
+def test_model_names_without_the_training_runtime_are_checked_by_syntax(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from noisescore.ml import model_names
+    from noisescore.settings import CleanSettings
+
+    # With timm: the registry decides (noisescore_cnn is registered by noisescore).
+    assert model_names.check_model_name("noisescore_cnn") == "noisescore_cnn"
+    with pytest.raises(ModelError, match="not in timm's registry"):
+        model_names.check_model_name("resnet19")
+    # The service image (no torch/timm): syntax only; the worker checks the registry.
+    monkeypatch.setattr(model_names, "training_runtime_available", lambda: False)
+    for name in ("resnet19", "vit_tiny_patch16_224.augreg_in21k", "noisescore_cnn"):
+        assert CleanSettings(model=name).model == name
+    for bad in ("ResNet18", "hf-hub:timm/resnet18", "resnet 18", "", "resnet18.a.b"):
+        with pytest.raises(ModelError, match="invalid model name"):
+            model_names.check_model_name(bad)

@@ -642,3 +642,85 @@ def test_serve_forever_stops_on_sigterm_and_restores_handlers():
     assert sent.is_set()
     assert service.wait(timeout=0)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+# --------------------------------------------------------------------------- health port
+
+
+def test_health_port_is_plaintext_health_only_beside_a_tls_port(serve, channels, certs):
+    servicer = FakeServicer(slow_seconds=1.0)
+    service = serve(
+        servicer,
+        tls_cert=certs["server_cert"],
+        tls_key=certs["server_key"],
+        auth_tokens=SecretStr("s3cret"),
+        health_addr="127.0.0.1:0",
+        shutdown_grace=5.0,
+    )
+    assert service.health_port and service.health_port != service.port
+    health_target = f"127.0.0.1:{service.health_port}"
+    plain = channels(health_target)
+    check = health_pb2_grpc.HealthStub(plain).Check
+    for name in ("", SERVICE_NAME):  # plaintext, no token: what a kubelet grpc probe sends
+        reply = check(health_pb2.HealthCheckRequest(service=name), timeout=TIMEOUT)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    # The health port carries no data: the API and reflection are not there.
+    error = rpc_error(lambda: _get_job(plain))
+    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert rpc_error(lambda: list_services(plain)).code() == grpc.StatusCode.UNIMPLEMENTED
+    # The command the image's HEALTHCHECK runs, against both ports.
+    from noisescore import healthcheck
+
+    assert healthcheck.main(["--addr", health_target, "-q"]) == healthcheck.EXIT_SERVING
+    assert (
+        healthcheck.main(["--addr", service.target, "--tls-ca", str(certs["ca_cert"]), "-q"]) == 0
+    )
+    assert healthcheck.main(["--addr", service.target, "--timeout", "1", "-q"]) == 1  # no TLS
+
+    # Draining: the health port answers NOT_SERVING until the main server has stopped.
+    stub = pb_grpc.NoiseScoringStub(
+        channels(
+            service.target,
+            grpc.ssl_channel_credentials(root_certificates=certs["ca_cert"].read_bytes()),
+        )
+    )
+    slow = stub.SubmitCleaningJob.future(
+        pb.SubmitCleaningJobRequest(), metadata=bearer("s3cret"), timeout=TIMEOUT
+    )
+    assert servicer.slow_started.wait(TIMEOUT)
+    stopper = threading.Thread(target=service.stop, kwargs={"grace": 5.0})
+    stopper.start()
+    deadline = time.monotonic() + TIMEOUT
+    status = health_pb2.HealthCheckResponse.SERVING
+    while status == health_pb2.HealthCheckResponse.SERVING and time.monotonic() < deadline:
+        status = check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT).status
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert healthcheck.main(["--addr", health_target, "-q"]) == healthcheck.EXIT_UNHEALTHY
+    assert slow.result(timeout=TIMEOUT).name == "jobs/slow"
+    stopper.join(TIMEOUT)
+    assert not stopper.is_alive()
+    assert healthcheck.main(["--addr", health_target, "--timeout", "1", "-q"]) == 1  # closed
+
+
+def test_health_port_bind_failure_releases_the_main_port(serve):
+    first = serve(health_addr="127.0.0.1:0")
+    service = Service(FakeServicer(), make_settings(health_addr=f"127.0.0.1:{first.health_port}"))
+    with pytest.raises(ValueError, match=r"cannot bind the health server to '127\.0\.0\.1:"):
+        service.start()
+    assert not service.started
+
+
+def test_healthcheck_address_defaults_and_usage_errors(capsys):
+    from noisescore import healthcheck
+
+    assert healthcheck.default_addr({}) == "127.0.0.1:50051"
+    env = {"NOISESCORE_GRPC_ADDR": "0.0.0.0:7000"}
+    assert healthcheck.default_addr(env) == "127.0.0.1:7000"
+    env["NOISESCORE_HEALTH_ADDR"] = "[::]:8081"
+    assert healthcheck.default_addr(env) == "[::1]:8081"
+    assert healthcheck.default_addr({"NOISESCORE_HEALTH_ADDR": "10.1.2.3:8081"}) == "10.1.2.3:8081"
+    with pytest.raises(ValueError, match="not host:port"):
+        healthcheck.default_addr({"NOISESCORE_GRPC_ADDR": "localhost"})
+    missing = "/nonexistent/ca.pem"
+    assert healthcheck.main(["--addr", "127.0.0.1:1", "--tls-ca", missing]) == 2
+    assert "No such file" in capsys.readouterr().err

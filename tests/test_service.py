@@ -578,3 +578,98 @@ def test_storage_down_is_unavailable(tmp_path: Path) -> None:
             app.stop(grace=1)
     finally:
         server.stop()
+
+
+# ------------------------------------------------------------- the service image's install
+
+# The service image installs `noisescore[cpu]`: no `train` extra. Its distributions are
+# made unimportable in a child process (``sys.modules[name] = None``: `import` fails and
+# `importlib.util.find_spec` says "not installed"), which then serves a real job.
+_LAUNCHER = """
+import importlib.util, sys
+blocked = sys.argv[1].split(",")
+for name in blocked:
+    sys.modules[name] = None
+assert all(importlib.util.find_spec(name) is None for name in blocked)
+from noisescore.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _train_only_modules() -> list[str]:
+    """Top-level import names of the `train` extra's distributions (torch, timm, sklearn...)
+    that neither the core dependencies nor the `cpu` extra bring in."""
+    import importlib.metadata as md
+    import re
+    import tomllib
+
+    project = tomllib.loads(Path("pyproject.toml").read_text())["project"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in requirements}
+
+    extras = project["optional-dependencies"]
+    train = names(extras["train"])
+    service = names(project["dependencies"]) | names(extras["cpu"])
+    assert train and not (train & service), "the service install must not pull training deps"
+    modules = {
+        module
+        for module, dists in md.packages_distributions().items()
+        if any(d.lower().replace("_", "-") in train for d in dists) and not module.startswith("_")
+    }
+    assert {"torch", "timm", "torchvision", "sklearn", "scipy", "onnx"} <= modules
+    return sorted(modules)
+
+
+def test_the_service_install_serves_without_the_training_runtime(
+    store_dir: Path, test_images: tuple[np.ndarray, np.ndarray]
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    blocked = _train_only_modules()
+    env = {
+        **os.environ, "NOISESCORE_STORE_DIR": str(store_dir), "NOISESCORE_S3_ENDPOINT": "",
+        "NOISESCORE_JOB_RUNNER": "local", "NOISESCORE_METRICS_ADDR": "",
+    }  # fmt: skip
+    command = [
+        sys.executable, "-c", _LAUNCHER, ",".join(blocked), "serve",
+        "--grpc-addr", "127.0.0.1:0", "--health-addr", "127.0.0.1:0",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline().decode()
+        assert line.startswith("noisescore serving gRPC on 127.0.0.1:"), line
+        port = int(line.split("127.0.0.1:")[1].split(",")[0])
+        health_port = int(line.rsplit("health on 127.0.0.1:", 1)[1])
+        probe = [sys.executable, "-m", "noisescore.healthcheck", "--addr"]
+        done = subprocess.run([*probe, f"127.0.0.1:{health_port}"], capture_output=True)
+        assert done.returncode == 0 and b"SERVING" in done.stdout, done
+
+        images, labels = test_images
+        with NoiseScoringClient(f"127.0.0.1:{port}") as c:
+            assert c.get(JOB).state == pb.Job.SUCCEEDED
+            assert len(list(c.corrections(JOB))) == N_TRAIN
+            assert c.predict(JOB, list(images[:8])).shape == (8, 2)
+            scores = c.score(JOB, list(images[:8]), labels[:8].tolist()).scores
+            assert len(scores) == 8
+            # Jobs cannot run here: refused up front, with where they can run instead.
+            code, details = _code(
+                lambda: c.submit("medmnist://breastmnist", epochs=2, warmup_epochs=1)
+            )
+            assert code == grpc.StatusCode.FAILED_PRECONDITION, details
+            assert "torch" in details and "PREFECT_API_URL" in details
+            # Model names are still checked (syntax only without timm).
+            code, details = _code(lambda: c.submit("medmnist://breastmnist", model="Res Net"))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "model" in details
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        done = subprocess.run([*probe, f"127.0.0.1:{health_port}", "--timeout", "1"])
+        assert done.returncode == 1
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
