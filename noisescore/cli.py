@@ -152,6 +152,22 @@ def _add_client_flags(p: argparse.ArgumentParser) -> None:
         help="bearer token (default $NOISESCORE_TOKEN)",
     )
     p.add_argument("--tls-ca", default=os.environ.get("NOISESCORE_TLS_CA"), help="server CA (TLS)")
+    p.add_argument(
+        "--tls-server-name",
+        default=os.environ.get("NOISESCORE_TLS_SERVER_NAME"),
+        help="name the server certificate must carry, when --server is another address "
+        "(e.g. a kubectl port-forward on 127.0.0.1)",
+    )
+    p.add_argument(
+        "--tls-client-cert",
+        default=os.environ.get("NOISESCORE_TLS_CLIENT_CERT"),
+        help="client certificate (PEM) for mTLS",
+    )
+    p.add_argument(
+        "--tls-client-key",
+        default=os.environ.get("NOISESCORE_TLS_CLIENT_KEY"),
+        help="client private key (PEM) for mTLS",
+    )
 
 
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -442,7 +458,14 @@ def _serve(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> NoiseScoringClient:
     from noisescore.client import NoiseScoringClient
 
-    return NoiseScoringClient(args.server, token=args.token, tls_ca=args.tls_ca)
+    return NoiseScoringClient(
+        args.server,
+        token=args.token,
+        tls_ca=args.tls_ca,
+        tls_server_name=args.tls_server_name,
+        client_cert=args.tls_client_cert,
+        client_key=args.tls_client_key,
+    )
 
 
 def _job_text(job: Any) -> str:

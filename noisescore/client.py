@@ -58,6 +58,9 @@ class NoiseScoringClient:
     tls_ca : path, optional
         CA certificate of the server: connect with TLS. ``client_cert``/``client_key``
         add a client certificate (mTLS).
+    tls_server_name : str, optional
+        Name to verify the server certificate against instead of ``target``'s host, e.g.
+        ``noisescore.ns.svc`` when ``target`` is a ``kubectl port-forward`` on 127.0.0.1.
     timeout : float
         Deadline of each unary call, in seconds.
     """
@@ -70,13 +73,18 @@ class NoiseScoringClient:
         tls_ca: str | Path | None = None,
         client_cert: str | Path | None = None,
         client_key: str | Path | None = None,
+        tls_server_name: str | None = None,
         timeout: float = 60.0,
         max_message_bytes: int = 64 * 1024 * 1024,
     ) -> None:
-        options = [
+        options: list[tuple[str, int | str]] = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
+        if tls_server_name:
+            if tls_ca is None:
+                raise ValueError("tls_server_name needs tls_ca (it only applies to TLS)")
+            options.append(("grpc.ssl_target_name_override", tls_server_name))
         if tls_ca is not None:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=Path(tls_ca).read_bytes(),

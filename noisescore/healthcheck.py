@@ -51,11 +51,14 @@ def check(
     timeout: float = 3.0,
     root_certificates: bytes | None = None,
     tls: bool = False,
+    server_name: str | None = None,
 ) -> str:
     """The serving status name (``SERVING``, ``NOT_SERVING``, ...) of ``service`` at
     ``addr``. Raises ``grpc.RpcError`` when the server cannot be reached in time."""
     if tls or root_certificates is not None:
-        channel = grpc.secure_channel(addr, grpc.ssl_channel_credentials(root_certificates))
+        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        credentials = grpc.ssl_channel_credentials(root_certificates)
+        channel = grpc.secure_channel(addr, credentials, options=options)
     else:
         channel = grpc.insecure_channel(addr)
     with channel:
@@ -76,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
     p.add_argument("--tls", action="store_true", help="TLS with the system's trusted roots")
     p.add_argument("--tls-ca", type=Path, help="TLS, trusting this CA certificate (PEM)")
+    p.add_argument("--tls-server-name", help="name the server certificate must carry (TLS)")
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing")
     return p
 
@@ -91,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         status = check(
             addr, service=args.service, timeout=args.timeout, root_certificates=roots,
-            tls=args.tls,
+            tls=args.tls, server_name=args.tls_server_name,
         )  # fmt: skip
     except grpc.RpcError as err:
         code = err.code().name if err.code() else "UNKNOWN"  # type: ignore[attr-defined]

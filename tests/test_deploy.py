@@ -60,7 +60,7 @@ def test_prefect_yaml_deploys_the_flow_with_valid_settings() -> None:
     gpu = deployments["gpu"]
     assert gpu["work_pool"]["name"] == "noisescore-gpu"
     assert gpu["work_pool"]["job_variables"]["gpu_count"] >= 1
-    assert gpu["parameters"]["settings"]["device"] == "cuda"
+    assert gpu["parameters"]["settings"]["device"] == "auto"
 
 
 def test_k8s_job_template_requests_gpus_and_references_secrets() -> None:
@@ -269,3 +269,35 @@ def test_service_in_prefect_mode_submits_deployment_runs(
             assert client.get(job.name).state == pb.Job.SUCCEEDED
     finally:
         again.stop(grace=1)
+
+
+def test_prefect_kubernetes_builds_a_gpu_job_from_the_template(prefect_api: str) -> None:
+    """The Job manifest the Kubernetes worker would submit for a run of the GPU pool."""
+    import asyncio
+    import uuid
+
+    from prefect.client.schemas.objects import FlowRun
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    template = json.loads(K8S_TEMPLATE.read_text())
+    flow_run = FlowRun(id=uuid.uuid4(), name="calm-heron", flow_id=uuid.uuid4())
+    overrides = {"gpu_count": 2, "env": {"NOISESCORE_PUSHGATEWAY": "pgw:9091"}}
+
+    async def build() -> dict[str, Any]:
+        config = await KubernetesWorkerJobConfiguration.from_template_and_values(
+            template, overrides
+        )
+        config.prepare_for_flow_run(flow_run)
+        return config.job_manifest
+
+    job = asyncio.run(build())
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert str(container["resources"]["limits"]["nvidia.com/gpu"]) == "2"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert container["envFrom"] == [{"secretRef": {"name": "noisescore-storage"}}]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["PREFECT__FLOW_RUN_ID"] == str(flow_run.id)
+    assert env["NOISESCORE_PUSHGATEWAY"] == "pgw:9091"
+    assert container["image"] == "ghcr.io/noisescore/noisescore-worker:0.1.0"

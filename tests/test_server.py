@@ -724,3 +724,22 @@ def test_healthcheck_address_defaults_and_usage_errors(capsys):
     missing = "/nonexistent/ca.pem"
     assert healthcheck.main(["--addr", "127.0.0.1:1", "--tls-ca", missing]) == 2
     assert "No such file" in capsys.readouterr().err
+
+
+def test_client_verifies_a_tls_server_name_other_than_the_address(serve, certs):
+    """What a `kubectl port-forward` needs: dial 127.0.0.1, verify the certificate's name."""
+    from noisescore import healthcheck
+    from noisescore.client import NoiseScoringClient
+
+    service = serve(tls_cert=certs["server_cert"], tls_key=certs["server_key"])
+    target, ca = f"127.0.0.1:{service.port}", certs["ca_cert"]
+    with NoiseScoringClient(target, tls_ca=ca, tls_server_name="localhost", timeout=5) as c:
+        assert c.stub.GetJob(pb.GetJobRequest(name="jobs/t"), timeout=5).name == "jobs/t"
+    with NoiseScoringClient(target, tls_ca=ca, tls_server_name="noisescore.ns.svc", timeout=5) as c:
+        error = rpc_error(lambda: c.stub.GetJob(pb.GetJobRequest(name="jobs/t"), timeout=5))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE  # the certificate does not name it
+    probe = ["--addr", target, "--tls-ca", str(ca), "--timeout", "2", "-q"]
+    assert healthcheck.main([*probe, "--tls-server-name", "localhost"]) == 0
+    assert healthcheck.main([*probe, "--tls-server-name", "noisescore.ns.svc"]) == 1
+    with pytest.raises(ValueError, match="tls_server_name needs tls_ca"):
+        NoiseScoringClient(target, tls_server_name="localhost")
