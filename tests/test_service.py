@@ -3,8 +3,13 @@ a real BreastMNIST job produced by the clean-labels flow, jobs run by the servic
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -528,31 +533,37 @@ def test_cli_verbs_against_the_server(
     assert "not found" in capsys.readouterr().err
 
 
-def test_serve_command_starts_and_stops_on_sigterm(store_dir: Path) -> None:
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    env = {**os.environ, "NOISESCORE_STORE_DIR": str(store_dir), "NOISESCORE_S3_ENDPOINT": ""}
-    command = [
-        str(Path(sys.executable).parent / "noisescore"), "serve",
-        "--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0",
-    ]  # fmt: skip
+@contextlib.contextmanager
+def _serving(command: list[str], env: dict[str, str]) -> Iterator[tuple[subprocess.Popen, str]]:
+    """Start a `noisescore serve` process; yield it and its first line (the bound ports).
+    Killed at the end if the test did not stop it."""
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         assert process.stdout is not None
         line = process.stdout.readline().decode()
         assert line.startswith("noisescore serving gRPC on 127.0.0.1:"), line
-        port = int(line.split("127.0.0.1:")[1].split(",")[0])
-        with NoiseScoringClient(f"127.0.0.1:{port}") as c:
-            assert c.get(JOB).state == pb.Job.SUCCEEDED
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
+        yield process, line
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def _port(line: str, after: str = "gRPC on 127.0.0.1:") -> int:
+    return int(line.split(after, 1)[1].split(",")[0])
+
+
+def test_serve_command_starts_and_stops_on_sigterm(store_dir: Path) -> None:
+    env = {**os.environ, "NOISESCORE_STORE_DIR": str(store_dir), "NOISESCORE_S3_ENDPOINT": ""}
+    command = [
+        str(Path(sys.executable).parent / "noisescore"), "serve",
+        "--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0",
+    ]  # fmt: skip
+    with _serving(command, env) as (process, line):
+        with NoiseScoringClient(f"127.0.0.1:{_port(line)}") as c:
+            assert c.get(JOB).state == pb.Job.SUCCEEDED
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
 
 
 def test_storage_down_is_unavailable(tmp_path: Path) -> None:
@@ -624,11 +635,6 @@ def _train_only_modules() -> list[str]:
 def test_the_service_install_serves_without_the_training_runtime(
     store_dir: Path, test_images: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    import os
-    import signal
-    import subprocess
-    import sys
-
     blocked = _train_only_modules()
     env = {
         **os.environ, "NOISESCORE_STORE_DIR": str(store_dir), "NOISESCORE_S3_ENDPOINT": "",
@@ -638,13 +644,8 @@ def test_the_service_install_serves_without_the_training_runtime(
         sys.executable, "-c", _LAUNCHER, ",".join(blocked), "serve",
         "--grpc-addr", "127.0.0.1:0", "--health-addr", "127.0.0.1:0",
     ]  # fmt: skip
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline().decode()
-        assert line.startswith("noisescore serving gRPC on 127.0.0.1:"), line
-        port = int(line.split("127.0.0.1:")[1].split(",")[0])
-        health_port = int(line.rsplit("health on 127.0.0.1:", 1)[1])
+    with _serving(command, env) as (process, line):
+        port, health_port = _port(line), _port(line, "health on 127.0.0.1:")
         probe = [sys.executable, "-m", "noisescore.healthcheck", "--addr"]
         done = subprocess.run([*probe, f"127.0.0.1:{health_port}"], capture_output=True)
         assert done.returncode == 0 and b"SERVING" in done.stdout, done
@@ -669,7 +670,3 @@ def test_the_service_install_serves_without_the_training_runtime(
         assert process.wait(timeout=30) == 0
         done = subprocess.run([*probe, f"127.0.0.1:{health_port}", "--timeout", "1"])
         assert done.returncode == 1
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
