@@ -425,14 +425,9 @@ def _format_validation(err: ValidationError) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    flags = (
-        ("grpc_addr", "GRPC_ADDR"),
-        ("metrics_addr", "METRICS_ADDR"),
-        ("health_addr", "HEALTH_ADDR"),
-    )
-    for flag, env in flags:
+    for flag in ("grpc_addr", "metrics_addr", "health_addr"):
         if getattr(args, flag):
-            os.environ[f"NOISESCORE_{env}"] = getattr(args, flag)
+            os.environ[f"NOISESCORE_{flag.upper()}"] = getattr(args, flag)
     if args.store_dir:
         os.environ["NOISESCORE_STORE_DIR"] = args.store_dir
     from noisescore.service.app import create_app

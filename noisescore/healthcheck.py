@@ -8,8 +8,9 @@
 The container image's ``HEALTHCHECK`` runs this. It imports grpc and nothing heavy, so a
 check costs tens of milliseconds. It speaks plaintext, the way ``health_addr`` serves:
 a service with TLS on its main port and no ``health_addr`` is checked with ``--tls``
-(the server's own certificate as the trusted root, for self-signed deployments) or
-``--tls-ca``. Health checking is never behind bearer tokens.
+(the system's trusted roots) or ``--tls-ca PEM`` (a private CA), plus
+``--tls-server-name`` when the certificate does not name the address dialled. Health
+checking is never behind bearer tokens.
 """
 
 from __future__ import annotations

@@ -158,22 +158,36 @@ def build_server(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
 
+    port = _bind(server, settings.grpc_addr, credentials, what="gRPC", setting="GRPC_ADDR")
+    return server, port, health_servicer
+
+
+def _bind(
+    server: grpc.Server,
+    addr: str,
+    credentials: grpc.ServerCredentials | None,
+    *,
+    what: str,
+    setting: str,
+) -> int:
+    """Bind ``server`` to ``addr`` (TLS when ``credentials``); the bound port. On failure
+    the server is stopped and ``ValueError`` names the address and the setting to change."""
     port = 0
     try:
         if credentials is None:
-            port = server.add_insecure_port(settings.grpc_addr)
+            port = server.add_insecure_port(addr)
         else:
-            port = server.add_secure_port(settings.grpc_addr, credentials)
+            port = server.add_secure_port(addr, credentials)
     except RuntimeError as error:
-        _LOG.debug("binding %s failed: %s", settings.grpc_addr, error)
+        _LOG.debug("binding %s failed: %s", addr, error)
     if not port:
         server.stop(None)
         raise ValueError(
-            f"cannot bind the gRPC server to {settings.grpc_addr!r}: the port is in use or the "
-            "host is not an address of this machine (set NOISESCORE_GRPC_ADDR to a free "
-            "host:port; port 0 picks one)"
+            f"cannot bind the {what} server to {addr!r}: the port is in use or the host is "
+            f"not an address of this machine (set NOISESCORE_{setting} to a free host:port; "
+            "port 0 picks one)"
         )
-    return server, port, health_servicer
+    return port
 
 
 def build_health_server(
@@ -193,18 +207,7 @@ def build_health_server(
         maximum_concurrent_rpcs=16,
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = 0
-    try:
-        port = server.add_insecure_port(addr)
-    except RuntimeError as error:
-        _LOG.debug("binding %s failed: %s", addr, error)
-    if not port:
-        server.stop(None)
-        raise ValueError(
-            f"cannot bind the health server to {addr!r}: the port is in use or the host is "
-            "not an address of this machine (set NOISESCORE_HEALTH_ADDR to a free host:port)"
-        )
-    return server, port
+    return server, _bind(server, addr, None, what="health", setting="HEALTH_ADDR")
 
 
 class Service:
