@@ -479,6 +479,14 @@ def write_atomic(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def _detectors_section(out: Path) -> str:
+    """The detector section that bench/detectors_table.py wrote (kept across reruns)."""
+    path = out / "detectors_section.md"
+    if path.exists():
+        return path.read_text().rstrip("\n")
+    return "<!-- detectors:begin -->\n(run bench/detectors_table.py)\n<!-- detectors:end -->"
+
+
 def render(
     cache: dict[str, dict[str, Any]],
     runs: list[Run],
@@ -513,6 +521,7 @@ def render(
         paper_e2=PAPER_TABLE1["epoch 2"],
         paper_e10=PAPER_TABLE1["epoch 10"],
         plots="\n".join(f"![{m}](results/{m})" for m in made),
+        detectors=_detectors_section(out),
     )
     write_atomic(results_md, text)
 

@@ -10,6 +10,7 @@ them in memory for benchmarks. Nothing here knows about the CLI, Prefect or stor
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import io
 import json
@@ -25,12 +26,26 @@ from torch import nn
 
 from noisescore import __version__
 from noisescore.ml.data import Dataset, Split
+from noisescore.ml.detectors import (
+    CONSENSUS,
+    OOF,
+    consensus_by_epoch,
+    consensus_score,
+    create_detectors,
+)
+from noisescore.ml.detectors.bimodality import bimodality
+from noisescore.ml.detectors.confident_learning import (
+    label_issues,
+    label_quality,
+    out_of_fold_probabilities,
+)
 from noisescore.ml.linc import Correction, LiNC, otsu_correct
 from noisescore.ml.metrics import (
     classification_metrics,
     correction_metrics,
     detection_auroc,
     detection_metrics,
+    detection_ranking,
     suspect_cutoff,
 )
 from noisescore.ml.models import create_model
@@ -78,7 +93,13 @@ class Warmup:
     mean, std : list of float
         Per-channel normalisation of the training images.
     seconds : float
-        Wall time of the warm-up.
+        Wall time of the warm-up (with the out-of-fold trainings of ``--cl-folds``).
+    detector_scores : dict of str to np.ndarray, shape (w, N), float32
+        Every detector's score at the end of each warm-up epoch (low = suspect);
+        ``confident_learning_oof`` (``--cl-folds``) has one row, the end of warm-up.
+    detector_extras : dict of str to np.ndarray, shape (N,), float32
+        Secondary per-sample values (``datamaps_variability``, ``data_iq_aleatoric``,
+        ``confident_learning_issue``).
     """
 
     trust_by_epoch: np.ndarray
@@ -88,6 +109,8 @@ class Warmup:
     mean: list[float]
     std: list[float]
     seconds: float
+    detector_scores: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    detector_extras: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def trust(self) -> np.ndarray:
@@ -97,7 +120,22 @@ class Warmup:
     def history(self) -> list[EpochStats]:
         return [EpochStats.from_dict(h) for h in self.trainer_state["history"]]
 
+    def scores(self) -> dict[str, np.ndarray]:
+        """Every score at the end of warm-up, ``consensus`` included: name -> (N,)."""
+        final = {name: rows[-1] for name, rows in self.detector_scores.items()}
+        if not final:
+            final = {"linc": self.trust}
+        per_epoch = {k: v for k, v in final.items() if k != OOF}
+        return {**final, CONSENSUS: consensus_score(per_epoch)}
+
+    def scores_by_epoch(self) -> dict[str, np.ndarray]:
+        """Every per-epoch score, ``consensus`` included: name -> (w, N) (OOF: (1, N))."""
+        rows = dict(self.detector_scores) or {"linc": self.trust_by_epoch}
+        per_epoch = {k: v for k, v in rows.items() if k != OOF}
+        return {**rows, CONSENSUS: consensus_by_epoch(per_epoch)}
+
     _ARRAYS = ("trust_by_epoch", "predicted_labels", "observed_labels")
+    _ARRAY_DICTS = ("detector_scores", "detector_extras")
 
     def to_bytes(self, *, fingerprint: str) -> bytes:
         """Serialise as a checkpoint; ``fingerprint`` ties it to the settings that made it.
@@ -108,6 +146,10 @@ class Warmup:
         state: dict[str, Any] = {"format": WARMUP_FORMAT, "fingerprint": fingerprint, **vars(self)}
         for name in self._ARRAYS:
             state[name] = torch.from_numpy(np.ascontiguousarray(state[name]))
+        for name in self._ARRAY_DICTS:
+            state[name] = {
+                k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state[name].items()
+            }
         buffer = io.BytesIO()
         torch.save(state, buffer)
         return buffer.getvalue()
@@ -127,17 +169,19 @@ class Warmup:
         del state["format"], state["fingerprint"]
         for name in cls._ARRAYS:
             state[name] = state[name].numpy()
+        for name in cls._ARRAY_DICTS:
+            state[name] = {k: v.numpy() for k, v in state.get(name, {}).items()}
         return cls(**state)
 
 
-WARMUP_FORMAT = "noisescore.warmup.v1"
+WARMUP_FORMAT = "noisescore.warmup.v2"  # v2: detector scores
 
 # Settings that change what the warm-up computes; anything else (device, baseline, the
 # final epochs' count only through the LR schedule) may differ between a run and its retry.
 _WARMUP_FIELDS = (
     "dataset", "image_size", "noise", "noise_val", "seed", "epochs", "warmup_epochs", "model",
     "checkpoint", "batch_size", "lr", "weight_decay", "lr_milestones", "augment", "alpha_lr",
-    "alpha_wd", "alpha_grad",
+    "alpha_wd", "alpha_grad", "detectors", "cl_folds",
 )  # fmt: skip
 
 
@@ -185,6 +229,15 @@ class LincResult:
     def corrected_labels(self) -> np.ndarray:
         return self.correction.corrected_labels
 
+    @property
+    def scores(self) -> dict[str, np.ndarray]:
+        """Every detector's score and ``consensus`` at the end of warm-up (low = suspect)."""
+        return self.warmup.scores()
+
+    @property
+    def extras(self) -> dict[str, np.ndarray]:
+        return self.warmup.detector_extras
+
 
 @dataclass
 class TrainedRun:
@@ -216,6 +269,7 @@ def load_data(settings: CleanSettings) -> Dataset:
         data_dir=settings.data_dir,
         seed=settings.seed,
         image_size=settings.image_size,
+        roots=settings.dataset_roots,  # jobs submitted over the API: checked where read
     )
 
 
@@ -307,33 +361,110 @@ def linc_warmup(
     progress: bool = False,
     hooks: Sequence[Hook] = (),
 ) -> Warmup:
-    """Epochs ``1..warmup_epochs`` with trainable trust; ``hooks`` run after LiNC's."""
+    """Epochs ``1..warmup_epochs`` with trainable trust and ``settings.detectors`` recording
+    their scores; ``hooks`` run after those. With ``settings.cl_folds = K``, then K
+    out-of-fold trainings of the same length for confident learning."""
+    n_classes = data.dataset.n_classes
     linc = LiNC(
-        data.dataset.n_classes,
+        n_classes,
         warmup_epochs=settings.warmup_epochs,
         alpha_lr=settings.alpha_lr,
         alpha_wd=settings.alpha_wd,
         alpha_grad=settings.alpha_grad,
     )
+    detectors = create_detectors(
+        settings.detector_names(), n_classes, warmup_epochs=settings.warmup_epochs
+    )
     trainer = _trainer(
-        data, settings, data.train_labels, hooks=[linc, *hooks], progress=progress, desc="warm-up"
+        data,
+        settings,
+        data.train_labels,
+        hooks=[linc, *detectors, *hooks],
+        progress=progress,
+        desc="warm-up",
     )
     start = time.perf_counter()
     trainer.fit(stop_epoch=settings.warmup_epochs)
+    scores = {d.name: d.scores_by_epoch_ for d in detectors}
+    extras = {k: v for d in detectors for k, v in d.extras_.items()}
+    trainer_state = trainer.state_dict()
+    mean, std = trainer.images.mean_list, trainer.images.std_list
+    del trainer
+    if settings.cl_folds:
+        proba = out_of_fold_proba(data, settings, progress=progress)
+        scores[OOF] = label_quality(data.train_labels, proba)[None, :]
+        extras[f"{OOF}_issue"] = label_issues(data.train_labels, proba).astype(np.float32)
     return Warmup(
         trust_by_epoch=linc.trust_by_epoch_,
         predicted_labels=linc.predicted_labels_,
         observed_labels=linc.observed_labels_,
-        trainer_state=trainer.state_dict(),
-        mean=trainer.images.mean_list,
-        std=trainer.images.std_list,
+        trainer_state=trainer_state,
+        mean=mean,
+        std=std,
         seconds=time.perf_counter() - start,
+        detector_scores=scores,
+        detector_extras=extras,
     )
 
 
-def correct(warmup: Warmup) -> Correction:
-    """Otsu's split of the warm-up's trust; flagged samples take the model's prediction."""
-    return otsu_correct(warmup.trust, warmup.predicted_labels, warmup.observed_labels)
+def out_of_fold_proba(
+    data: PreparedData, settings: CleanSettings, *, progress: bool = False
+) -> np.ndarray:
+    """K-fold out-of-fold probabilities (N, C) for confident learning: each fold is a fresh
+    model trained like the warm-up (same seed, optimiser and length) on the other folds."""
+    images = data.dataset.train.images
+    config = dataclasses.replace(train_config(settings), epochs=settings.warmup_epochs)
+
+    def train_fold(fit_idx: np.ndarray, held_idx: np.ndarray) -> np.ndarray:
+        device = resolve_device(settings.device)
+        torch.manual_seed(settings.seed)
+        model = create_model(
+            settings.model,
+            num_classes=data.dataset.n_classes,
+            in_chans=data.dataset.in_chans,
+            img_size=data.dataset.image_size[0],
+            checkpoint=settings.checkpoint,
+        )
+        fit = DeviceImages(images[fit_idx], device)
+        trainer = Trainer(
+            model,
+            fit,
+            data.train_labels[fit_idx],
+            config=config,
+            progress=progress,
+            desc="cl fold",
+        )
+        trainer.fit()
+        held = DeviceImages(images[held_idx], device, mean=fit.mean_list, std=fit.std_list)
+        return trainer.predict_proba(held)
+
+    return out_of_fold_probabilities(
+        train_fold, data.train_labels, folds=settings.cl_folds, seed=settings.seed
+    )
+
+
+def correct(warmup: Warmup, settings: CleanSettings | None = None) -> Correction:
+    """Otsu's split of the flagging score (``settings.flag_by``, default LiNC's trust);
+    flagged samples take the model's prediction, unless LiNC's trust histogram fails the
+    bimodality test (``settings.bimodality_min``): then the flags stay and no label
+    changes.
+
+    The test is always on alpha, whichever score flags: it answers "is there a noisy
+    mode at all", and it is calibrated on alpha (docs/RESULTS.md). The consensus (a
+    median of ranks) is never bimodal, at any noise level measured, so testing it would
+    switch the correction off for good."""
+    flag_by = settings.flag_by if settings is not None else "linc"
+    eta_min = settings.bimodality_min if settings is not None else 0.0
+    score = warmup.trust if flag_by == "linc" else warmup.scores()[flag_by]
+    test = bimodality(warmup.trust, eta_min=eta_min, log_distrust=True)
+    return otsu_correct(
+        score,
+        warmup.predicted_labels,
+        warmup.observed_labels,
+        relabel=bool(test["bimodal"]),
+        flag_by=flag_by,
+        bimodality=test,
+    )
 
 
 def train_final(
@@ -426,6 +557,38 @@ def _timing(run: TrainedRun, warmup_epochs: int | None = None) -> dict[str, floa
     return timing
 
 
+DETECTOR_SOURCES = {
+    "confident_learning": "cleanlab on the warm-up model's own (in-sample) probabilities",
+    OOF: "cleanlab on K-fold out-of-fold probabilities (K extra warm-up trainings)",
+    CONSENSUS: "median normalised rank of the per-epoch detectors",
+    "grand": "last-layer closed form ||p - y|| * ||[h, 1]||",
+}
+
+
+def detectors_report(
+    warmup: Warmup, flag_by: str, flipped: np.ndarray | None
+) -> dict[str, dict[str, Any]]:
+    """Per score: what it is, whether it flagged and, when the truth is known, its
+    AUROC / average precision at the end of warm-up and AUROC at every warm-up epoch."""
+    out: dict[str, dict[str, Any]] = {}
+    extras = warmup.detector_extras
+    for name, rows in warmup.scores_by_epoch().items():
+        entry: dict[str, Any] = {"flagged_by": name == flag_by, "epochs": int(rows.shape[0])}
+        if name in DETECTOR_SOURCES:
+            entry["source"] = DETECTOR_SOURCES[name]
+        if f"{name}_issue" in extras:
+            entry["n_issues"] = int(extras[f"{name}_issue"].sum())
+        if flipped is not None:
+            entry.update(detection_ranking(rows[-1], flipped))
+            first = warmup.trust_by_epoch.shape[0] - rows.shape[0] + 1
+            entry["auroc_by_epoch"] = {
+                str(epoch): detection_auroc(row, flipped)
+                for epoch, row in enumerate(rows, start=first)
+            }
+        out[name] = entry
+    return out
+
+
 def build_report(
     settings: CleanSettings, data: PreparedData, run: TrainedRun, baseline: TrainedRun | None
 ) -> dict[str, Any]:
@@ -443,7 +606,10 @@ def build_report(
         "trust_mean": float(linc_result.trust.mean()),
         "history": [h.as_dict() for h in run.history],
     }
+    fix = linc_result.correction
+    linc.update(flag_by=fix.flag_by, relabelled=fix.relabelled, bimodality=fix.bimodality)
     flipped = data.flipped
+    flag_score = linc_result.scores[fix.flag_by]
     if flipped is not None and data.train_true is not None:
         correction = correction_metrics(
             linc_result.observed_labels, linc_result.corrected_labels, data.train_true
@@ -452,7 +618,7 @@ def build_report(
             correction_accuracy=correction["correction_accuracy"],
             label_accuracy_before=correction["label_accuracy_before"],
             label_accuracy_after=correction["label_accuracy_after"],
-            detection=detection_metrics(linc_result.trust, flipped, linc_result.flagged),
+            detection=detection_metrics(flag_score, flipped, linc_result.flagged),
             detection_auroc_by_epoch={
                 str(epoch): detection_auroc(alpha, flipped)
                 for epoch, alpha in enumerate(linc_result.trust_by_epoch, start=1)
@@ -488,6 +654,7 @@ def build_report(
         "noise": noise,
         "model": {"name": settings.model, "device": str(run.images.device)},
         "linc": linc,
+        "detectors": detectors_report(linc_result.warmup, fix.flag_by, flipped),
         "test": _test_metrics(run, dataset),
         "timing": _timing(run, settings.warmup_epochs),
     }
@@ -504,7 +671,7 @@ def run_clean(settings: CleanSettings, *, progress: bool = False) -> CleanResult
     """Run every stage in memory (no storage, no orchestration): for benchmarks."""
     data = prepare_data(settings)
     warmup = linc_warmup(data, settings, progress=progress)
-    run = train_final(data, settings, warmup, correct(warmup), progress=progress)
+    run = train_final(data, settings, warmup, correct(warmup, settings), progress=progress)
     baseline = train_baseline(data, settings, progress=progress) if settings.baseline else None
     report = build_report(settings, data, run, baseline)
     return CleanResult(settings, data, run, baseline, report)

@@ -50,25 +50,45 @@ class Correction:
     flagged : np.ndarray, shape (N,), bool
         ``trust < otsu_threshold``: likely mislabelled.
     corrected_labels : np.ndarray, shape (N,), int64
-        Observed labels with flagged samples replaced by the model's prediction.
+        Observed labels with flagged samples replaced by the model's prediction (the
+        observed labels unchanged when ``relabelled`` is false).
+    flag_by : str
+        The score that was split (``linc`` = alpha, or a detector / ``consensus``).
+    relabelled : bool
+        False when the correction was skipped (the score's histogram is not bimodal).
+    bimodality : dict or None
+        The bimodality test of the score (:func:`noisescore.ml.detectors.bimodality.test`).
     """
 
     otsu_threshold: float
     flagged: np.ndarray
     corrected_labels: np.ndarray
+    flag_by: str = "linc"
+    relabelled: bool = True
+    bimodality: dict[str, float | bool | str] | None = None
 
 
 def otsu_correct(
-    trust: np.ndarray, predicted_labels: np.ndarray, observed_labels: np.ndarray
+    trust: np.ndarray,
+    predicted_labels: np.ndarray,
+    observed_labels: np.ndarray,
+    *,
+    relabel: bool = True,
+    flag_by: str = "linc",
+    bimodality: dict[str, float | bool | str] | None = None,
 ) -> Correction:
     """Flag ``trust`` below Otsu's threshold and relabel those samples with the prediction.
 
-    Shapes: all (N,); ``trust`` in [0, 1], labels int.
+    Shapes: all (N,); ``trust`` any real score (low = suspect), labels int. With
+    ``relabel=False`` the flags are kept for review and no label changes.
     """
     threshold = otsu_threshold(trust)
     flagged = np.asarray(trust) < threshold
-    corrected = np.where(flagged, predicted_labels, observed_labels).astype(np.int64)
-    return Correction(threshold, flagged, corrected)
+    if relabel:
+        corrected = np.where(flagged, predicted_labels, observed_labels).astype(np.int64)
+    else:
+        corrected = np.asarray(observed_labels, dtype=np.int64).copy()
+    return Correction(threshold, flagged, corrected, flag_by, relabel, bimodality)
 
 
 def linc_targets(

@@ -88,6 +88,17 @@ def detection_metrics(
     }
 
 
+def detection_ranking(score: np.ndarray, flipped: np.ndarray) -> dict[str, float | None]:
+    """``auroc`` and ``average_precision`` of ``-score`` against ``flipped`` (low score =
+    suspect); both ``None`` when all or none are flipped."""
+    auroc = detection_auroc(score, flipped)
+    if auroc is None:
+        return {"auroc": None, "average_precision": None}
+    flipped = np.asarray(flipped, dtype=bool)
+    ap = float(average_precision_score(flipped, -np.asarray(score, dtype=np.float64)))
+    return {"auroc": auroc, "average_precision": ap}
+
+
 def detection_auroc(trust: np.ndarray, flipped: np.ndarray) -> float | None:
     """AUROC of ``-trust`` against ``flipped`` (``None`` if only one class is present)."""
     flipped = np.asarray(flipped, dtype=bool)

@@ -21,13 +21,24 @@ MODEL_FORMAT = "noisescore.model.v1"
 
 
 def trust_csv(data: PreparedData, linc: LincResult) -> bytes:
-    """``index,sample_id,observed_label,trust,flagged,corrected_label[,true_label]``."""
+    """``index,sample_id,observed_label,trust,flagged,corrected_label[,true_label]``, then
+    one column per detector score, ``consensus`` and the detectors' secondary values
+    (e.g. ``aum,...,small_loss,consensus,datamaps_variability``; low score = suspect).
+
+    The first columns keep their names and order from before the detectors, so readers
+    of older files (the service's ``GetCorrections``) read both.
+    """
     truth = data.train_true
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     header = ["index", "sample_id", "observed_label", "trust", "flagged", "corrected_label"]
-    writer.writerow([*header, "true_label"] if truth is not None else header)
+    if truth is not None:
+        header.append("true_label")
+    columns = {**linc.scores, **linc.extras}
+    columns.pop("linc", None)  # the trust column already is LiNC's alpha
+    writer.writerow([*header, *columns])
     ids = data.dataset.train.sample_ids
+    values = list(columns.values())
     for i in range(len(linc.trust)):
         row = [
             i,
@@ -37,7 +48,9 @@ def trust_csv(data: PreparedData, linc: LincResult) -> bytes:
             int(linc.flagged[i]),
             int(linc.corrected_labels[i]),
         ]
-        writer.writerow([*row, int(truth[i])] if truth is not None else row)
+        if truth is not None:
+            row.append(int(truth[i]))
+        writer.writerow([*row, *(f"{v[i]:.6g}" for v in values)])
     return buffer.getvalue().encode()
 
 

@@ -93,12 +93,53 @@ class DeviceImages:
         return x
 
 
+@dataclass(frozen=True)
+class Step:
+    """What one optimisation step saw, handed to :meth:`Hook.on_step` (all on the device).
+
+    Attributes
+    ----------
+    idx : torch.Tensor, shape (B,), int64
+        Indices of the batch's samples in the training set.
+    logits : torch.Tensor, shape (B, C), float32
+        The training forward pass's logits, detached (train mode, as the loss saw them).
+    labels : torch.Tensor, shape (B,), int64
+        ``trainer.labels[idx]`` for this step (the observed labels during warm-up).
+    epoch : int
+    features : torch.Tensor or None, shape (B, D), float32
+        Input of the final linear layer, detached; only when a hook sets ``needs_features``.
+    """
+
+    idx: torch.Tensor
+    logits: torch.Tensor
+    labels: torch.Tensor
+    epoch: int
+    features: torch.Tensor | None = None
+
+
+def final_linear(model: nn.Module) -> nn.Linear:
+    """The model's classifier layer: timm's ``get_classifier()``, else its last ``nn.Linear``."""
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    if isinstance(head, nn.Linear):
+        return head
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier layer")
+    return linears[-1]
+
+
 class Hook:
     """What a method adds to the loop. Every method is a no-op by default.
 
     ``loss`` may return a batch loss to replace plain cross-entropy on
-    ``trainer.labels``; the first hook that returns one wins.
+    ``trainer.labels``; the first hook that returns one wins. ``on_step`` sees every
+    step's detached logits (and, when ``needs_features`` is true, the final layer's
+    input): what per-sample detectors record, without a second forward pass.
     """
+
+    #: Ask the trainer to capture the input of the model's final linear layer.
+    needs_features: bool = False
 
     def on_train_start(self, trainer: Trainer) -> None: ...
 
@@ -110,6 +151,8 @@ class Hook:
         return None
 
     def after_step(self, trainer: Trainer, idx: torch.Tensor, epoch: int) -> None: ...
+
+    def on_step(self, trainer: Trainer, step: Step) -> None: ...
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, stats: dict[str, float]) -> None: ...
 
@@ -201,6 +244,19 @@ class Trainer:
         # trainer (never the global RNG): phases resume exactly.
         self._augment_generator = torch.Generator().manual_seed(config.seed + 1)
         self._autocast = self.device.type == "cuda"
+        overridden = [h for h in self.hooks if type(h).on_step is not Hook.on_step]
+        self._step_hooks = overridden
+        self._features: torch.Tensor | None = None
+        if any(h.needs_features for h in self.hooks):
+            final_linear(self.model).register_forward_pre_hook(self._capture_features)
+
+    def _capture_features(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if module.training:  # the training pass only, not predict_logits
+            self._features = args[0].detach()
+
+    def _take_features(self) -> torch.Tensor | None:
+        features, self._features = self._features, None
+        return None if features is None else features.float().flatten(1)
 
     @property
     def n_samples(self) -> int:
@@ -251,6 +307,10 @@ class Trainer:
             self.optimizer.step()
             for hook in self.hooks:
                 hook.after_step(self, idx, epoch)
+            if self._step_hooks:
+                step = Step(idx, logits.detach(), self.labels[idx], epoch, self._take_features())
+                for hook in self._step_hooks:
+                    hook.on_step(self, step)
             loss_sum += loss.detach() * len(idx)
             correct += (logits.detach().argmax(1) == self.labels[idx]).sum()
             seen += len(idx)

@@ -87,7 +87,14 @@ class Job(_message.Message):
     def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[Job.State, str]] = ..., spec: _Optional[_Union[CleaningJobSpec, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ..., artifacts_uri: _Optional[str] = ..., progress: _Optional[_Union[JobEvent, _Mapping]] = ...) -> None: ...
 
 class JobResult(_message.Message):
-    __slots__ = ("n_train", "n_classes", "otsu_threshold", "n_flagged", "n_changed", "trust_mean", "test_accuracy", "test_macro_f1", "detection_auroc", "label_accuracy_before", "label_accuracy_after", "suspect_cutoff")
+    __slots__ = ("n_train", "n_classes", "otsu_threshold", "n_flagged", "n_changed", "trust_mean", "test_accuracy", "test_macro_f1", "detection_auroc", "label_accuracy_before", "label_accuracy_after", "suspect_cutoff", "detectors", "flagged_by", "correction_skipped", "bimodality", "bimodality_min", "detector_auroc")
+    class DetectorAurocEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     N_TRAIN_FIELD_NUMBER: _ClassVar[int]
     N_CLASSES_FIELD_NUMBER: _ClassVar[int]
     OTSU_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +107,12 @@ class JobResult(_message.Message):
     LABEL_ACCURACY_BEFORE_FIELD_NUMBER: _ClassVar[int]
     LABEL_ACCURACY_AFTER_FIELD_NUMBER: _ClassVar[int]
     SUSPECT_CUTOFF_FIELD_NUMBER: _ClassVar[int]
+    DETECTORS_FIELD_NUMBER: _ClassVar[int]
+    FLAGGED_BY_FIELD_NUMBER: _ClassVar[int]
+    CORRECTION_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    BIMODALITY_FIELD_NUMBER: _ClassVar[int]
+    BIMODALITY_MIN_FIELD_NUMBER: _ClassVar[int]
+    DETECTOR_AUROC_FIELD_NUMBER: _ClassVar[int]
     n_train: int
     n_classes: int
     otsu_threshold: float
@@ -112,7 +125,13 @@ class JobResult(_message.Message):
     label_accuracy_before: float
     label_accuracy_after: float
     suspect_cutoff: float
-    def __init__(self, n_train: _Optional[int] = ..., n_classes: _Optional[int] = ..., otsu_threshold: _Optional[float] = ..., n_flagged: _Optional[int] = ..., n_changed: _Optional[int] = ..., trust_mean: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., test_macro_f1: _Optional[float] = ..., detection_auroc: _Optional[float] = ..., label_accuracy_before: _Optional[float] = ..., label_accuracy_after: _Optional[float] = ..., suspect_cutoff: _Optional[float] = ...) -> None: ...
+    detectors: _containers.RepeatedScalarFieldContainer[str]
+    flagged_by: str
+    correction_skipped: bool
+    bimodality: float
+    bimodality_min: float
+    detector_auroc: _containers.ScalarMap[str, float]
+    def __init__(self, n_train: _Optional[int] = ..., n_classes: _Optional[int] = ..., otsu_threshold: _Optional[float] = ..., n_flagged: _Optional[int] = ..., n_changed: _Optional[int] = ..., trust_mean: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., test_macro_f1: _Optional[float] = ..., detection_auroc: _Optional[float] = ..., label_accuracy_before: _Optional[float] = ..., label_accuracy_after: _Optional[float] = ..., suspect_cutoff: _Optional[float] = ..., detectors: _Optional[_Iterable[str]] = ..., flagged_by: _Optional[str] = ..., correction_skipped: _Optional[bool] = ..., bimodality: _Optional[float] = ..., bimodality_min: _Optional[float] = ..., detector_auroc: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("name",)
@@ -195,20 +214,29 @@ class StreamCorrectionsRequest(_message.Message):
     def __init__(self, job: _Optional[str] = ..., only_flagged: _Optional[bool] = ..., chunk_size: _Optional[int] = ...) -> None: ...
 
 class Correction(_message.Message):
-    __slots__ = ("index", "sample_id", "observed_label", "trust", "flagged", "corrected_label")
+    __slots__ = ("index", "sample_id", "observed_label", "trust", "flagged", "corrected_label", "detector_scores")
+    class DetectorScoresEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     INDEX_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_ID_FIELD_NUMBER: _ClassVar[int]
     OBSERVED_LABEL_FIELD_NUMBER: _ClassVar[int]
     TRUST_FIELD_NUMBER: _ClassVar[int]
     FLAGGED_FIELD_NUMBER: _ClassVar[int]
     CORRECTED_LABEL_FIELD_NUMBER: _ClassVar[int]
+    DETECTOR_SCORES_FIELD_NUMBER: _ClassVar[int]
     index: int
     sample_id: str
     observed_label: int
     trust: float
     flagged: bool
     corrected_label: int
-    def __init__(self, index: _Optional[int] = ..., sample_id: _Optional[str] = ..., observed_label: _Optional[int] = ..., trust: _Optional[float] = ..., flagged: _Optional[bool] = ..., corrected_label: _Optional[int] = ...) -> None: ...
+    detector_scores: _containers.ScalarMap[str, float]
+    def __init__(self, index: _Optional[int] = ..., sample_id: _Optional[str] = ..., observed_label: _Optional[int] = ..., trust: _Optional[float] = ..., flagged: _Optional[bool] = ..., corrected_label: _Optional[int] = ..., detector_scores: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class GetCorrectionsResponse(_message.Message):
     __slots__ = ("corrections", "next_page_token", "total_size")
