@@ -48,6 +48,8 @@ RUN groupadd --gid 10001 noisescore \
        --home-dir /home/noisescore --shell /usr/sbin/nologin noisescore
 
 COPY --from=builder /opt/venv /opt/venv
+# Our license and the notices of what the image contains (THIRD_PARTY_NOTICES.md).
+COPY LICENSE THIRD_PARTY_NOTICES.md /usr/share/doc/noisescore/
 
 WORKDIR /app
 

@@ -66,6 +66,8 @@ RUN groupadd --gid 10001 noisescore \
 
 COPY --from=builder /opt/python /opt/python
 COPY --from=builder /opt/venv /opt/venv
+# Our license and the notices of what the image contains (THIRD_PARTY_NOTICES.md).
+COPY LICENSE THIRD_PARTY_NOTICES.md /usr/share/doc/noisescore/
 
 # The `gpu` deployment's pull step sets the working directory to /app and loads its
 # entrypoint flows/clean_labels.py:clean_labels from there; prefect.yaml lets
