@@ -16,7 +16,12 @@ an existing one):
    connection, for ``--duration`` seconds; the baseline is the same requests from one
    client, so the ratio is the concurrency scaling. Requests are built once, before the
    timed window, so the client's Python cost is not counted as the service's.
-3. **Large job read**: a *synthetic* job of ``--large-rows`` rows (the real MedMNIST sets
+3. **Watches under load**: ``--watches`` concurrent ``WatchJob`` streams stay open on a
+   real job held RUNNING (a long cleaning job submitted to the server, its process group
+   stopped with SIGSTOP once it runs, so it costs no CPU) while ``--clients`` clients call
+   ``ScoreLabels``; the baseline is the same load without the watches, alternated with it
+   in rounds within the run. Errors count failed calls and watch streams that ended.
+4. **Large job read**: a *synthetic* job of ``--large-rows`` rows (the real MedMNIST sets
    are smaller) in the real layout (``trust.csv``, ``report.json``/``spec.json``/
    ``model.onnx`` copied from the real job, ``manifest.json`` by ``JobStore``), read with
    ``StreamCorrections`` and with ``GetCorrections`` pages of 10,000. The first read of a
@@ -31,7 +36,7 @@ threads. Speed claims are ratios against a baseline measured in the same run.
 
 Usage::
 
-    python bench/bench_service.py [--duration 10] [--clients 32] [--repeats 200]
+    python bench/bench_service.py [--duration 10] [--clients 32] [--repeats 200] [--watches 200]
     python bench/bench_service.py --store DIR --job ID    # an existing finished job
 
 Writes ``service.json``, ``service.md`` and ``service.png`` to ``--out-dir``.
@@ -50,6 +55,7 @@ import platform
 import select
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -98,6 +104,9 @@ LARGE_TARGET_S = 1.0
 WARMUP_CALLS = 5
 PARITY_TOLERANCE = 1e-4
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # as NoiseScoringClient
+WATCH_ROUNDS = 2  # baseline and with-watches windows, alternated
+WATCHES_PER_CHANNEL = 25
+HELD_JOB_EPOCHS = 10_000  # long enough never to finish while held
 
 
 # --------------------------------------------------------------------------- threads
@@ -165,8 +174,11 @@ class ServerProcess:
 
     START_TIMEOUT_S = 180.0
 
-    def __init__(self, store_dir: Path, *, threads: int, log: Path) -> None:
+    def __init__(
+        self, store_dir: Path, *, threads: int, log: Path, data_dir: Path | None = None
+    ) -> None:
         self.store_dir, self.threads, self.log = store_dir, threads, log
+        self.data_dir = data_dir
         self.process: subprocess.Popen[str] | None = None
         self.port = 0
         self.rpc_threads = 0
@@ -176,8 +188,15 @@ class ServerProcess:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def __enter__(self) -> ServerProcess:
+    def _child_env(self) -> dict[str, str]:
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "NOISESCORE_S3_ENDPOINT": ""}
+        env["NOISESCORE_JOB_RUNNER"] = "local"  # section 3 holds a job of its own child
+        if self.data_dir is not None:  # for the job it runs (section 3)
+            env["NOISESCORE_DATA_DIR"] = str(self.data_dir)
+        return env
+
+    def __enter__(self) -> ServerProcess:
+        env = self._child_env()
         command = [
             sys.executable, str(Path(__file__).resolve()), SERVE_COMMAND,
             "--store", str(self.store_dir), "--threads", str(self.threads),
@@ -206,6 +225,20 @@ class ServerProcess:
         except OSError:
             return float("nan")
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def job_process_groups(self) -> list[int]:
+        """Process groups of the server's children (a job runs in its own session)."""
+        assert self.process is not None
+        groups = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            pid = int(stat.parent.name)
+            if int(fields[1]) == self.process.pid and int(fields[2]) == pid:  # ppid, pgrp
+                groups.append(pid)
+        return groups
 
     def phase(self, name: str) -> None:
         """Attribute the server's garbage collections from now on to ``name``."""
@@ -390,6 +423,7 @@ def run_load(
     samples_in: Callable[[Any], int],
     expected_samples: int,
     server_cpu: Callable[[], float],
+    keep_latencies: bool = False,
 ) -> dict[str, Any]:
     """``clients`` threads call ``method`` back to back for ``duration`` seconds.
 
@@ -471,14 +505,105 @@ def run_load(
         "errors": sum(errors.values()),
         "error_kinds": dict(errors),
         "requests_per_client": [len(r["latencies"]) for r in results],
+        **({"latencies": [round(t, 6) for t in latencies]} if keep_latencies else {}),
     }
 
 
-# --------------------------------------------------------------------------- 3. large job
+# --------------------------------------------------------------------------- 3. watches
 
 
-def synthetic_trust_csv(header: Sequence[str], rows: int, *, n_classes: int, seed: int) -> bytes:
-    """A ``trust.csv`` with the real columns and ``rows`` made-up samples."""
+@contextlib.contextmanager
+def held_job(client: NoiseScoringClient, server: ServerProcess) -> Iterator[str]:
+    """A real job of the server held RUNNING at no CPU cost: submitted, then its process
+    group stopped (SIGSTOP) once it runs; resumed and cancelled at the end."""
+    job = client.submit(
+        f"medmnist://{DATASET}", epochs=HELD_JOB_EPOCHS, warmup_epochs=1, device="cpu"
+    )
+    groups: list[int] = []
+    try:
+        deadline = time.monotonic() + 300
+        while client.get(job.name).state != pb.Job.RUNNING or not groups:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"job {job.name} did not start: {client.get(job.name)}")
+            time.sleep(0.2)
+            groups = server.job_process_groups()
+        for group in groups:
+            os.killpg(group, signal.SIGSTOP)
+        yield job.name
+    finally:
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGCONT)
+        client.cancel(job.name)
+
+
+def open_watches(target: str, job: str, n: int) -> tuple[list[grpc.Channel], list[Any]]:
+    """``n`` WatchJob streams of ``job`` over their own connections; each has delivered
+    its first event (the job's state) when this returns."""
+    channels = [own_channel(target) for _ in range(-(-n // WATCHES_PER_CHANNEL))]
+    streams = [
+        pb_grpc.NoiseScoringStub(channels[i // WATCHES_PER_CHANNEL]).WatchJob(
+            pb.WatchJobRequest(name=job), timeout=3600
+        )
+        for i in range(n)
+    ]
+    for stream in streams:
+        event = next(stream)
+        if event.state != pb.Job.RUNNING:
+            raise RuntimeError(f"a watch of {job} started with {event}")
+    return channels, streams
+
+
+def measure_watch_load(
+    server: ServerProcess,
+    client: NoiseScoringClient,
+    requests: Sequence[Any],
+    samples_in: Callable[[Any], int],
+    expected: int,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """ScoreLabels from ``--clients`` clients without and with ``--watches`` open
+    WatchJob streams, in alternated rounds; per condition the runs and the watch errors."""
+    runs: dict[str, list[dict[str, Any]]] = {"without": [], "with": []}
+    watch_errors = 0
+    with held_job(client, server) as job:
+        for round_ in range(WATCH_ROUNDS):
+            for condition in ("without", "with"):
+                print(f"ScoreLabels x{args.clients}, {condition} watches ({round_ + 1})...",
+                      file=sys.stderr)  # fmt: skip
+                server.phase(f"ScoreLabels x{args.clients} {condition} watches")
+                channels, streams = (
+                    open_watches(server.target, job, args.watches)
+                    if condition == "with"
+                    else ([], [])
+                )
+                try:
+                    run = run_load(
+                        server.target, "ScoreLabels", requests, clients=args.clients,
+                        duration=args.duration, samples_in=samples_in,
+                        expected_samples=expected, server_cpu=server.cpu_seconds,
+                        keep_latencies=True,
+                    )  # fmt: skip
+                    runs[condition].append(run)
+                    watch_errors += sum(1 for stream in streams if stream.done())
+                finally:
+                    for stream in streams:
+                        stream.cancel()
+                    for channel in channels:
+                        channel.close()
+    return {"watches": args.watches, "rounds": WATCH_ROUNDS, "runs": runs,
+            "watch_errors": watch_errors}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- 4. large job
+
+
+def synthetic_trust_csv(
+    header: Sequence[str], rows: int, *, n_classes: int, seed: int, template: bytes = b""
+) -> bytes:
+    """A ``trust.csv`` with the real columns and ``rows`` made-up samples. Columns other
+    than LiNC's (the scores of other detectors a job may add) cycle the values of the real
+    job's ``template`` rows."""
     rng = np.random.default_rng(seed)
     true = rng.integers(0, n_classes, rows)
     flipped = rng.random(rows) < 0.3
@@ -500,8 +625,12 @@ def synthetic_trust_csv(header: Sequence[str], rows: int, *, n_classes: int, see
         "true_label": true,
     }
     unknown = [name for name in header if name not in columns]
-    if unknown:
-        raise RuntimeError(f"trust.csv has columns {unknown} this benchmark cannot synthesise")
+    real = list(csv.DictReader(io.StringIO(template.decode()))) if unknown else []
+    if unknown and not real:
+        raise RuntimeError(f"trust.csv has columns {unknown} and no template rows to cycle")
+    for name in unknown:
+        values = [row[name] for row in real]
+        columns[name] = [values[i % len(values)] for i in range(rows)]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
@@ -661,6 +790,25 @@ def summarise(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             "scaling": many["requests_per_second"] / one["requests_per_second"],
             "errors": one["errors"] + many["errors"],
         }
+    watch = raw["watch_load"]
+    watch_load: dict[str, Any] = {"watches": watch["watches"], "rounds": watch["rounds"]}
+    for condition, runs in watch["runs"].items():
+        latencies = [t for run in runs for t in run["latencies"]]
+        seconds = sum(run["seconds"] for run in runs)
+        watch_load[condition] = {
+            "requests": len(latencies),
+            "requests_per_second": len(latencies) / seconds,
+            "latency": percentiles(latencies),
+            "errors": sum(run["errors"] for run in runs),
+            "server_cpu_cores": statistics.mean(run["server_cpu_cores"] for run in runs),
+        }
+    watch_load["watch_errors"] = watch["watch_errors"]
+    watch_load["errors"] = (
+        watch_load["with"]["errors"] + watch_load["without"]["errors"] + watch["watch_errors"]
+    )
+    watch_load["p99_with_over_without"] = (
+        watch_load["with"]["latency"]["p99_ms"] / watch_load["without"]["latency"]["p99_ms"]
+    )
     large: dict[str, Any] = {"synthetic": True, "rows": args.large_rows, "page_rows": PAGE_ROWS}
     for kind, values in raw["large"].items():
         large[kind] = {}
@@ -682,7 +830,8 @@ def summarise(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     return {
         "predict": predict,
         "throughput": throughput,
-        "errors": sum(t["errors"] for t in throughput.values()),
+        "errors": sum(t["errors"] for t in throughput.values()) + watch_load["errors"],
+        "watch_load": watch_load,
         "large_job": large,
         "server_gc_gen2": server_gc,
         "server_tracked_objects": gc_report.get("tracked_objects_at_start"),
@@ -778,6 +927,33 @@ def render_markdown(result: dict[str, Any]) -> str:
                 f"| {run['errors']} | {scaling} "
                 f"| {run['server_cpu_cores']:.2f} + {run['client_cpu_cores']:.2f} |"
             )
+    w = s["watch_load"]
+    lines += [
+        "",
+        f"## Watches under load ({w['watches']} WatchJob streams)",
+        "",
+        f"{env['clients']} clients call `ScoreLabels` ({SCORE_BATCH} images) back to back, "
+        f"without and with {w['watches']} open `WatchJob` streams of a real job held RUNNING "
+        "(a long cleaning job submitted to the server, its processes stopped with SIGSTOP "
+        "once it runs, so it costs no CPU). The two conditions alternate, "
+        f"{w['rounds']} rounds of {env['duration_s']:g} s each; percentiles pool the rounds. "
+        "Errors: failed calls plus watch streams that ended before the window did.",
+        "",
+        "| condition | requests/s | p50 (ms) | p99 (ms) | errors | server CPU cores |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for condition, label in (("without", "no watches (baseline)"),
+                             ("with", f"{w['watches']} open watches")):  # fmt: skip
+        run = w[condition]
+        errors = run["errors"] + (w["watch_errors"] if condition == "with" else 0)
+        lines.append(
+            f"| {label} | {run['requests_per_second']:.0f} | {_ms(run['latency']['p50_ms'])} "
+            f"| {_ms(run['latency']['p99_ms'])} | {errors} | {run['server_cpu_cores']:.2f} |"
+        )
+    lines += [
+        "",
+        f"ScoreLabels p99 with the watches / without: {w['p99_with_over_without']:.2f}.",
+    ]
     large = s["large_job"]
     met = "met" if large["target_met"] else "**not met**"
     lines += [
@@ -864,7 +1040,7 @@ def render_plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     s, env = result["summary"], result["environment"]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    fig, axes = plt.subplots(3, 2, figsize=(11, 11.5))
     panels = [("1", "1_back_to_back"), ("256",)]
     for ax, keys in zip(axes[0], panels, strict=True):
         x = 0
@@ -942,6 +1118,22 @@ def render_plot(result: dict[str, Any], path: Path) -> None:
     ax.set_xticks(range(4), labels, fontsize=8)
     ax.set_ylabel("seconds to read all rows")
     ax.set_title(f"SYNTHETIC job, {large['rows']:,} rows: bar median, points reads", fontsize=9)
+
+    ax = axes[2][0]
+    w = s["watch_load"]
+    for i, key in enumerate(("without", "with")):
+        p50, p99 = w[key]["latency"]["p50_ms"], w[key]["latency"]["p99_ms"]
+        ax.bar(i, p50, width=0.6, color=f"C{i + 5}", alpha=0.7)
+        ax.errorbar([i], [p50], yerr=[[0], [p99 - p50]], fmt="none", ecolor="k", capsize=4)
+        ax.text(i, p99, f"p99 {_ms(p99)}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks([0, 1], ["no watches\n(baseline)", f"{w['watches']} open\nWatchJob streams"])
+    ax.set_ylabel("ScoreLabels latency (ms)")
+    ax.set_title(
+        f"ScoreLabels x{env['clients']} while watches are open: bar p50, whisker p99\n"
+        f"p99 ratio {w['p99_with_over_without']:.2f}, errors {w['errors']}",
+        fontsize=9,
+    )
+    axes[2][1].axis("off")
     fig.suptitle(
         f"noisescore service, {env['dataset']} {env['model']}, {env['device']}, "
         f"{env['threads']} intra-op thread(s), {env['cpu_count']} cores",
@@ -971,6 +1163,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=200, help="Predict latency repeats")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per load run")
+    parser.add_argument("--watches", type=int, default=200, help="open WatchJob streams")
     parser.add_argument("--large-rows", type=int, default=100_000)
     parser.add_argument("--large-repeats", type=int, default=5, help="cold and warm reads")
     parser.add_argument("--seed", type=int, default=0, help="order of the latency cases")
@@ -978,10 +1171,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if (args.store is None) != (args.job is None):
         parser.error("--store and --job go together")
-    positive = ("threads", "repeats", "clients", "large_rows", "large_repeats", "epochs")
+    positive = (
+        "threads", "repeats", "clients", "large_rows", "large_repeats", "epochs", "watches"
+    )  # fmt: skip
     if any(getattr(args, name) < 1 for name in positive) or args.duration <= 0:
-        parser.error("--threads, --repeats, --clients, --large-rows, --large-repeats, --epochs "
-                     "and --duration must be positive")  # fmt: skip
+        parser.error("--threads, --repeats, --clients, --large-rows, --large-repeats, --epochs, "
+                     "--watches and --duration must be positive")  # fmt: skip
     return args
 
 
@@ -1045,9 +1240,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         onnx = OnnxModel(real.get("model.onnx"), intra_op_threads=args.threads)
 
         # Written before the server starts, which then lists them as SUCCEEDED jobs.
-        header = real.get("trust.csv").decode().split("\n", 1)[0].split(",")
+        real_csv = real.get("trust.csv")
+        header = real_csv.decode().split("\n", 1)[0].split(",")
         trust_csv = synthetic_trust_csv(
-            header, args.large_rows, n_classes=int(ckpt["num_classes"]), seed=args.seed
+            header,
+            args.large_rows,
+            n_classes=int(ckpt["num_classes"]),
+            seed=args.seed,
+            template=real_csv,
         )
         large_ids = {
             kind: [f"synthetic-{kind}-{i}" for i in range(args.large_repeats)]
@@ -1056,7 +1256,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for large_id in (*large_ids["stream"], *large_ids["paged"]):
             write_synthetic_job(store, large_id, real, trust_csv, args.large_rows)
 
-        server = ServerProcess(store_dir, threads=args.threads, log=work / "server.log")
+        server = ServerProcess(
+            store_dir, threads=args.threads, log=work / "server.log", data_dir=args.data_dir
+        )
         with server, NoiseScoringClient(server.target, timeout=120) as client:
 
             def torch_predict(images: np.ndarray) -> np.ndarray:
@@ -1093,6 +1295,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         duration=args.duration, samples_in=samples_in,
                         expected_samples=expected, server_cpu=server.cpu_seconds,
                     )  # fmt: skip
+
+            score_requests, score_samples, score_expected = loads["ScoreLabels"]
+            raw["watch_load"] = measure_watch_load(
+                server, client, score_requests, score_samples, score_expected, args
+            )
 
             print(f"large job: {args.large_rows} synthetic rows...", file=sys.stderr)
             server.phase("large job")

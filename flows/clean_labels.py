@@ -1,7 +1,7 @@
 """The Prefect flow ``clean_labels``: one cleaning job, step by step, artifacts in a store.
 
-    load_dataset -> inject_noise -> linc_warmup -> otsu_correct -> train_final
-                 -> evaluate -> export_onnx -> publish
+    start_job -> load_dataset -> inject_noise -> reuse_warmup | linc_warmup -> otsu_correct
+              -> train_final [-> train_baseline] -> evaluate -> export_onnx -> publish
 
 Each step is a task calling one stage of :mod:`noisescore.ml.clean`; what a step
 produces goes to the job's folder ``jobs/<job_id>/`` of the artifact store through the
@@ -33,19 +33,20 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run
-from prefect.states import State
+from prefect.runtime import deployment, flow_run
+from prefect.states import Failed, State
 from prefect.tasks import exponential_backoff
+from pydantic import ValidationError
 
 from noisescore import __version__
 from noisescore.jobmetrics import JobMetrics, MetricsHook, ProgressEvent
-from noisescore.jobs import MANIFEST, JobStore, new_job_id
+from noisescore.jobs import MANIFEST, JobLease, JobStore, new_job_id, validate_job_id
 from noisescore.ml import clean as stages
 from noisescore.ml.data import Dataset
 from noisescore.ml.export import ParityReport, export_with_parity
 from noisescore.ml.linc import Correction
 from noisescore.ml.outputs import json_bytes, model_checkpoint, npy_bytes, trust_csv
-from noisescore.settings import CleanSettings, StoreSettings
+from noisescore.settings import CleanSettings, StoreSettings, format_settings_error
 from noisescore.storage import ArtifactRef, StorageUnavailable, open_store
 
 WARMUP_CHECKPOINT = "checkpoints/warmup.pt"
@@ -54,10 +55,19 @@ P = ParamSpec("P")
 R = TypeVar("R")
 HISTOGRAM = "trust_histogram.png"
 PARITY_BATCH = 256
+READ_BACK_AT_PUBLISH = (WARMUP_CHECKPOINT, HISTOGRAM, PROGRESS)
+"""Files the job keeps that are not in the flow's list of refs when it publishes: the
+histogram (stored inside ``otsu-correct``), a warm-up checkpoint that an earlier attempt
+stored, and ``progress.json`` (rewritten after every epoch until training ends). ``publish``
+reads them back, so the manifest describes what is stored when the job completes."""
 
 
 class JobAlreadyPublished(ValueError):
     """The job id names a complete job; its artifacts are never overwritten."""
+
+
+class InvalidParameters(ValueError):
+    """The flow run's parameters are not valid settings (the message is one line)."""
 
 
 def _storage_unavailable(task: Any, task_run: Any, state: State) -> bool:
@@ -171,9 +181,7 @@ def start_job(job: JobStore, settings: CleanSettings) -> ArtifactRef:
             f"job {job.job_id} is already complete ({job.url(MANIFEST)}); "
             "published jobs are immutable: use a new job id"
         )
-    ref = job.put("spec.json", job_spec(job.job_id, settings))
-    get_run_logger().info("job %s: artifacts go to %s", job.job_id, job.url())
-    return ref
+    return job.put("spec.json", job_spec(job.job_id, settings))
 
 
 @storage_task("load-dataset")  # an s3:// dataset is downloaded
@@ -230,19 +238,29 @@ def linc_warmup(
 
 
 @compute_task("otsu-correct")
-def otsu_correct(warmup: stages.Warmup, data: stages.PreparedData, job: JobStore) -> Correction:
-    """Otsu's threshold on the trust histogram; flagged samples take the prediction."""
-    correction = stages.correct(warmup)
+def otsu_correct(
+    warmup: stages.Warmup, data: stages.PreparedData, job: JobStore, settings: CleanSettings
+) -> Correction:
+    """Otsu's threshold on the flagging score's histogram (``settings.flag_by``); flagged
+    samples take the prediction unless the histogram fails the bimodality test."""
+    correction = stages.correct(warmup, settings)
     n_flagged = int(correction.flagged.sum())
     n_changed = int((correction.corrected_labels != warmup.observed_labels).sum())
+    test = correction.bimodality or {}
     get_run_logger().info(
-        "Otsu threshold %.4f: %d of %d flagged, %d relabelled",
+        "%s: Otsu threshold %.4f: %d of %d flagged, %d relabelled (bimodality eta %.3f, "
+        "minimum %.3f%s)",
+        correction.flag_by,
         correction.otsu_threshold,
         n_flagged,
         len(correction.flagged),
         n_changed,
+        test.get("statistic", float("nan")),
+        test.get("threshold", float("nan")),
+        "" if correction.relabelled else ": not bimodal, correction skipped",
     )
-    png = trust_histogram_png(warmup.trust, correction.otsu_threshold, data.flipped)
+    score = warmup.scores()[correction.flag_by]
+    png = trust_histogram_png(score, correction.otsu_threshold, data.flipped, correction.flag_by)
     create_markdown_artifact(
         key=f"trust-{job.job_id}"[:63].rstrip("-"),
         markdown=warmup_markdown(warmup, correction, png),
@@ -323,7 +341,13 @@ def export_onnx(
 def publish(
     job: JobStore, refs: list[ArtifactRef], parity: ParityReport, report: dict[str, Any]
 ) -> dict[str, Any]:
-    """Write ``manifest.json`` last: from now on the job is complete and verifiable."""
+    """Write ``manifest.json`` last, listing every file the job keeps: from now on the job
+    is complete and verifiable."""
+    listed = {ref.name for ref in refs}
+    for name in READ_BACK_AT_PUBLISH:
+        # progress.json is best effort (a flaky store may have refused every write).
+        if name not in listed and (name != PROGRESS or job.exists(name)):
+            refs = [*refs, job.ref(name)]
     manifest_ref = job.write_manifest(
         refs,
         onnx_parity=parity.as_dict(),
@@ -344,7 +368,9 @@ def publish(
 # ----------------------------------------------------------------------------- the flow
 
 
-@flow(name="clean-labels", log_prints=True, validate_parameters=True)
+# Parameters are validated by check_parameters (the same one-line messages as the CLI);
+# Prefect's own validation would fail a UI run with a traceback before the first step.
+@flow(name="clean-labels", log_prints=True, validate_parameters=False)
 def clean_labels(
     settings: CleanSettings | None = None,
     job_id: str | None = None,
@@ -361,12 +387,27 @@ def clean_labels(
 
     The artifact store comes from the environment of the process running the flow
     (``NOISESCORE_S3_*``, else ``NOISESCORE_STORE_DIR``): credentials never travel as flow
-    parameters, and a deployment's workers all write to the same place.
+    parameters, and a deployment's workers all write to the same place. The first log line
+    names it.
+
+    Parameters are validated here, first, not by Prefect: a run from the UI's form with
+    bad settings fails with the one-line message ``noisescore clean`` gives for the same
+    values, before any work.
     """
-    settings = settings or CleanSettings()
-    job = JobStore(open_store(StoreSettings()), job_id or default_job_id())
+    try:
+        settings, job_id = check_parameters(settings, job_id)
+    except InvalidParameters as err:
+        get_run_logger().error("invalid parameters: %s", err)
+        # A returned Failed state ends the run with this message and no traceback; called
+        # in-process, Prefect raises it as an exception.
+        return cast(dict[str, Any], Failed(message=f"invalid parameters: {err}"))
+    store_settings = StoreSettings()
+    job = JobStore(open_store(store_settings), job_id or default_job_id())
+    announce_store(job, store_settings)
     progress = Progress(job, settings)
-    with progress.tracking():
+    # The lease says "running" to readers of the store (the service, replicas) until
+    # the block ends, however this process was started.
+    with JobLease(job, store_settings.job_lease_ttl), progress.tracking():
         refs = [start_job(job, settings)]
 
         dataset = load_dataset(settings)
@@ -378,10 +419,10 @@ def clean_labels(
         reused = warmup is not None
         if warmup is None:
             fresh: stages.Warmup = linc_warmup(data, settings, progress)
-            save(job, WARMUP_CHECKPOINT, fresh.to_bytes(fingerprint=fingerprint))
+            refs.append(save(job, WARMUP_CHECKPOINT, fresh.to_bytes(fingerprint=fingerprint)))
             warmup = fresh
         refs.append(save(job, "trust_by_epoch.npy", npy_bytes(warmup.trust_by_epoch)))
-        correction = otsu_correct(warmup, data, job)
+        correction = otsu_correct(warmup, data, job, settings)
 
         run: stages.TrainedRun = train_final(data, settings, warmup, correction, progress)
         baseline = train_baseline(data, settings, progress) if settings.baseline else None
@@ -397,6 +438,63 @@ def clean_labels(
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def check_parameters(
+    settings: CleanSettings | dict[str, Any] | None, job_id: str | None
+) -> tuple[CleanSettings, str | None]:
+    """The flow's parameters as typed settings and a checked job id.
+
+    A deployment run gets ``settings`` as JSON (a dict): fields it leaves out take the
+    worker's ``NOISESCORE_*`` environment, then the defaults, as for ``noisescore clean``.
+
+    Raises
+    ------
+    InvalidParameters
+        With the message the CLI prints for the same values, e.g. ``warmup_epochs (10)
+        must not exceed epochs (3)`` or ``--epochs: Input should be greater than or equal
+        to 1``.
+    """
+    try:
+        if settings is None:
+            settings = CleanSettings()
+        elif not isinstance(settings, CleanSettings):
+            if not isinstance(settings, dict):
+                raise InvalidParameters(
+                    f"settings must be an object of CleanSettings fields, got "
+                    f"{type(settings).__name__}"
+                )
+            settings = CleanSettings(**settings)
+    except ValidationError as err:
+        raise InvalidParameters(format_settings_error(err)) from None
+    except ValueError as err:  # a validator's own error raised outside pydantic
+        raise InvalidParameters(str(err)) from None
+    if job_id is not None:
+        try:
+            validate_job_id(job_id)
+        except ValueError as err:
+            raise InvalidParameters(str(err)) from None
+    return settings, job_id
+
+
+def announce_store(job: JobStore, store_settings: StoreSettings) -> None:
+    """Log where the artifacts go, first; warn when that is a worker's default ./artifacts
+    (store settings are read where the flow runs, not where the run was triggered)."""
+    logger = get_run_logger()
+    logger.info("job %s: artifacts go to %s", job.job_id, job.url())
+    default_store = (
+        not store_settings.s3_endpoint and "store_dir" not in store_settings.model_fields_set
+    )
+    if default_store and deployment.id:
+        logger.warning(
+            "no store is configured where this flow runs: job %s goes to the default local "
+            "store ./artifacts of this worker (%s). Set NOISESCORE_S3_ENDPOINT (with "
+            "NOISESCORE_S3_ACCESS_KEY/NOISESCORE_S3_SECRET_KEY) or NOISESCORE_STORE_DIR in "
+            "the environment of the worker (or `noisescore flow serve`), not only where the "
+            "run is triggered",
+            job.job_id,
+            job.url(),
+        )
 
 
 def default_job_id() -> str:
@@ -429,8 +527,11 @@ def model_bytes(run: stages.TrainedRun, settings: CleanSettings, dataset: Datase
     )
 
 
-def trust_histogram_png(trust: np.ndarray, threshold: float, flipped: np.ndarray | None) -> bytes:
-    """Histogram of trust with Otsu's threshold; split by the truth when it is known."""
+def trust_histogram_png(
+    trust: np.ndarray, threshold: float, flipped: np.ndarray | None, score: str = "linc"
+) -> bytes:
+    """Histogram of the flagging score (trust by default) with Otsu's threshold; split by
+    the truth when it is known."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -439,8 +540,9 @@ def trust_histogram_png(trust: np.ndarray, threshold: float, flipped: np.ndarray
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
     # Trust after a short warm-up often lives in a narrow band below 1: zoom onto it.
     low = min(float(np.min(trust)), threshold)
-    low = max(0.0, low - 0.05 * (1.0 - low))
-    bins = [low + (1.0 - low) * i / 60 for i in range(61)]
+    high = 1.0 if score == "linc" else max(float(np.max(trust)), threshold)
+    low = max(0.0, low - 0.05 * (high - low)) if score == "linc" else low
+    bins = [low + (high - low) * i / 60 for i in range(61)]
     if flipped is not None:
         ax.hist(
             [trust[~flipped], trust[flipped]],
@@ -452,10 +554,10 @@ def trust_histogram_png(trust: np.ndarray, threshold: float, flipped: np.ndarray
         ax.legend(loc="upper left", fontsize=8)
     else:
         ax.hist(trust, bins=bins, color="#4c72b0")
-    ax.set_xlim(low, 1.0)
+    ax.set_xlim(low, high)
     ax.axvline(threshold, color="black", linestyle="--", linewidth=1)
     ax.text(threshold, ax.get_ylim()[1] * 0.95, f" Otsu {threshold:.3f}", va="top", fontsize=8)
-    ax.set_xlabel("trust (alpha) after warm-up")
+    ax.set_xlabel("trust (alpha) after warm-up" if score == "linc" else f"{score} score")
     ax.set_ylabel("samples")
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -482,8 +584,9 @@ def warmup_markdown(warmup: stages.Warmup, correction: Correction, png: bytes) -
             "",
             *rows,
             "",
-            f"Otsu threshold **{correction.otsu_threshold:.4f}**: "
-            f"{int(correction.flagged.sum())} of {n} samples flagged, {changed} relabelled.",
+            f"Otsu threshold on `{correction.flag_by}` **{correction.otsu_threshold:.4f}**: "
+            f"{int(correction.flagged.sum())} of {n} samples flagged, {changed} relabelled"
+            + ("." if correction.relabelled else " (histogram not bimodal: no relabelling)."),
             "",
             f"![trust histogram](data:image/png;base64,{image})",
         ]
@@ -503,6 +606,9 @@ def job_summary(job: JobStore, report: dict[str, Any], manifest: ArtifactRef) ->
         "n_changed": linc["n_changed"],
         "test_accuracy": test.get("accuracy"),
         "warmup_reused": report["job"]["warmup_reused"],
+        "flag_by": linc.get("flag_by", "linc"),
+        "relabelled": linc.get("relabelled", True),
+        "detectors": ",".join(report.get("detectors", {})),
     }
     if "detection" in linc:
         summary["detection_auroc"] = linc["detection"]["auroc"]

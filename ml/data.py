@@ -36,6 +36,7 @@ __all__ = [
     "load_dataset",
     "load_manifest",
     "load_npz",
+    "read_manifest_paths",
     "resolve_data_dir",
     "stratified_assignment",
 ]
@@ -371,13 +372,14 @@ def load_npz(path: PathLike, *, name: str | None = None, n_classes: int | None =
     path = Path(path).expanduser().resolve()
     name = (name or path.stem).strip()
     _reject_multi_label_name(name, path)
-    arrays = _read_npz_arrays(path)
-    raw = {key: _npz_split(path, arrays, key) for key in _SPLITS}
+    arrays, names = _read_npz_arrays(path)
+    raw = {key: _npz_split(path, arrays, names, key) for key in _SPLITS}
     raw_splits = {key: value for key, value in raw.items() if value is not None}
     if "train" not in raw_splits:
         raise DataError(f"{path}: the train split is missing or empty; it needs at least 1 image.")
     flag = _medmnist_flag(name)
     n_classes = _npz_n_classes(path, raw_splits, flag, n_classes)
+    _check_two_classes(path, raw_splits["train"][1], n_classes)
     splits = {}
     for key, (images, labels) in raw_splits.items():
         _check_label_range(path, labels, n_classes, f"the {key} split")
@@ -394,14 +396,20 @@ def load_npz(path: PathLike, *, name: str | None = None, n_classes: int | None =
     )
 
 
-def _read_npz_arrays(path: Path) -> dict[str, np.ndarray]:
-    """Read every array of the archive at ``path`` into memory."""
+def _read_npz_arrays(path: Path) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Read the split arrays of the archive at ``path``; return them and every key's name.
+
+    Only ``{train,val,test}_{images,labels}`` are decompressed: other members of the
+    archive (however large) are never read.
+    """
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "does not exist"
         raise DataError(f"{path}: {what}; give the path of a MedMNIST .npz archive.")
+    wanted = [f"{split}_{part}" for split in _SPLITS for part in ("images", "labels")]
     try:
         with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: np.asarray(archive[key]) for key in archive.files}
+            names = list(archive.files)  # the zip directory only; members load on access
+            arrays = {key: np.asarray(archive[key]) for key in wanted if key in names}
     except (TypeError, AttributeError):  # a plain .npy array is not a context manager
         raise DataError(
             f"{path}: holds a single .npy array, not an .npz archive with keys "
@@ -413,11 +421,11 @@ def _read_npz_arrays(path: Path) -> dict[str, np.ndarray]:
             f"{exc}). Download the file again, or re-save it with numpy.savez_compressed "
             f"(object arrays are not accepted)."
         ) from exc
-    return arrays
+    return arrays, names
 
 
 def _npz_split(
-    path: Path, arrays: Mapping[str, np.ndarray], key: str
+    path: Path, arrays: Mapping[str, np.ndarray], names: Sequence[str], key: str
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Return the validated ``(images, labels)`` of split ``key``, or ``None`` if absent."""
     image_key, label_key = f"{key}_images", f"{key}_labels"
@@ -428,7 +436,7 @@ def _npz_split(
     if missing:
         raise DataError(
             f"{path}: missing key(s) {', '.join(missing)}; the archive has "
-            f"{', '.join(sorted(arrays)) or 'no arrays'}. A MedMNIST .npz needs train_images "
+            f"{_listing(names)}. A MedMNIST .npz needs train_images "
             f"and train_labels, and optionally the val_* and test_* pairs."
         )
     images = _npz_images(path, arrays[image_key], key)
@@ -441,6 +449,15 @@ def _npz_split(
     if len(images) == 0:
         return None
     return images, labels
+
+
+def _listing(names: Sequence[str], limit: int = 20) -> str:
+    """``a, b, c`` (sorted; at most ``limit`` names, then how many more)."""
+    if not names:
+        return "no arrays"
+    shown = sorted(names)[:limit]
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(shown) + more
 
 
 def _npz_images(path: Path, images: np.ndarray, key: str) -> np.ndarray:
@@ -533,6 +550,18 @@ def _infer_n_classes(label_arrays: Iterable[np.ndarray]) -> int:
     """Return the largest label plus one (at least 1)."""
     largest = max((int(a.max()) for a in label_arrays if a.size), default=0)
     return max(largest + 1, 1)
+
+
+def _check_two_classes(path: Path, train_labels: np.ndarray, n_classes: int) -> None:
+    """Raise :class:`DataError` unless there are 2+ classes and the train split has 2+."""
+    present = np.unique(train_labels)
+    if n_classes < 2 or len(present) < 2:
+        found = ", ".join(str(int(c)) for c in present[:1])
+        raise DataError(
+            f"{path}: the train split has a single class (label {found}); scoring labels "
+            f"needs at least 2 classes with training samples each. Check the label column "
+            f"or pick a dataset with several classes."
+        )
 
 
 def _check_label_range(path: Path, labels: np.ndarray, n_classes: int, where: str) -> None:
@@ -633,7 +662,8 @@ def load_manifest(
         CSV file with a header row and the columns ``path`` and ``label`` (class indices),
         optionally ``true_label`` (reference labels) and ``split`` (``train``/``val``/
         ``test``). Column names are case-insensitive. Image paths are relative to the
-        CSV's folder or absolute.
+        CSV's folder, or absolute, and must lead to a file inside that folder (or its
+        subfolders) once symlinks are resolved.
     n_classes : int, optional
         Number of classes; default the largest of ``label`` and ``true_label`` plus one.
     test_fraction, val_fraction : float
@@ -653,7 +683,10 @@ def load_manifest(
     Raises
     ------
     DataError
-        If the CSV or an image is missing, unreadable or inconsistent.
+        If the CSV or an image is missing, unreadable or inconsistent. An image that is
+        outside the manifest's folder, missing, not a file, unreadable or not decodable
+        gets one and the same message (the cause stays in the exception chain), so a
+        manifest cannot be used to probe which files exist elsewhere on the machine.
 
     Notes
     -----
@@ -676,6 +709,7 @@ def load_manifest(
         raise DataError(
             f"{csv_path}: no row has split 'train'; the train split needs at least one image."
         )
+    _check_two_classes(csv_path, splits["train"].labels, n_classes)
     return Dataset(
         name=csv_path.stem,
         source=str(csv_path),
@@ -696,6 +730,15 @@ def _check_fractions(path: Path, test_fraction: float, val_fraction: float) -> N
             f"{path}: test_fraction + val_fraction must be below 1 to leave a train split, "
             f"got {test_fraction} + {val_fraction}."
         )
+
+
+def read_manifest_paths(path: PathLike) -> list[str]:
+    """Return the image paths of the manifest at ``path``, as written, in row order.
+
+    The manifest is checked as :func:`load_manifest` checks it (header, labels, splits,
+    no path listed twice); the images are not touched.
+    """
+    return [row.path for row in _read_manifest_rows(Path(path).expanduser().resolve())]
 
 
 def _read_manifest_rows(path: Path) -> list[_Row]:
@@ -829,24 +872,33 @@ def _load_manifest_images(path: Path, rows: Sequence[_Row], size: int | None) ->
     return np.ascontiguousarray(rgb.transpose(0, 3, 1, 2))
 
 
+class _UnusableImage(Exception):
+    """Why an image of a manifest cannot be used (kept as the DataError's cause only)."""
+
+
 def _open_image(path: Path, row: _Row) -> Image.Image:
-    """Open the image of ``row``; greyscale modes become ``"L"``, others stay as they are."""
-    file = Path(row.path).expanduser()
-    if not file.is_absolute():
-        file = path.parent / file
-    if not file.is_file():
-        raise DataError(
-            f"{path}: line {row.line}: image file {file} not found; paths are relative to the "
-            f"CSV's folder {path.parent} (or absolute)."
-        )
+    """Open the image of ``row``; greyscale modes become ``"L"``, others stay as they are.
+
+    The image's real path (symlinks resolved) must lie inside the manifest's folder
+    ``path.parent``. Whatever is wrong — outside, missing, not a file, unreadable, not
+    an image — the error says the same thing.
+    """
+    folder = path.parent
     try:
+        file = (folder / row.path).resolve()  # an absolute row.path replaces folder
+        if not file.is_relative_to(folder):
+            raise _UnusableImage("outside the manifest's folder")
+        if not file.is_file():
+            raise _UnusableImage("not a file")
         with Image.open(file) as image:
             image.load()
             return _normalise_mode(image)
-    except _IMAGE_READ_ERRORS as exc:
+    except (_UnusableImage, RuntimeError, *_IMAGE_READ_ERRORS) as exc:
         raise DataError(
-            f"{path}: line {row.line}: cannot read image {file} ({type(exc).__name__}: {exc}); "
-            f"replace or remove the file and its row."
+            f"{path}: line {row.line}: image {row.path[:200]!r} cannot be used: each path must "
+            f"name a readable PNG or JPEG file inside the manifest's folder (relative to it; "
+            f"absolute paths, '..' and symlinks must not lead out of it). Fix or remove the "
+            f"row."
         ) from exc
 
 

@@ -1,30 +1,40 @@
 """``noisescore`` command line. Settings flags map one-to-one onto :class:`CleanSettings`.
 
 Verbs: ``clean`` (run the clean-labels flow here), ``flow run`` / ``flow serve`` (through
-a Prefect API), ``verify`` (check a stored job against its manifest).
+a Prefect API), ``verify`` (check a stored job against its manifest), ``datasets upload``
+(put a checked dataset into MinIO/S3).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from pydantic import ValidationError
 
 from noisescore import __version__
 from noisescore.jobs import validate_job_id
+from noisescore.ml.detector_names import DETECTOR_NAMES, ETA_MIN
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
 
     from noisescore.client import NoiseScoringClient
-    from noisescore.settings import CleanSettings
+    from noisescore.jobs import JobStore
+    from noisescore.settings import CleanSettings, StoreSettings
 
 EXIT_USAGE = 2
+NO_PREFECT_API = (
+    "PREFECT_API_URL is not set: `noisescore flow run` creates a run of a deployment on a "
+    "Prefect server; start one (`prefect server start`) and set "
+    "PREFECT_API_URL=http://127.0.0.1:4200/api (or run the job here with `noisescore clean`)"
+)
 
 
 def _add_settings_flags(p: argparse.ArgumentParser) -> None:
@@ -69,6 +79,34 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
         "--baseline", action="store_true", help="also train plain cross-entropy with the same seed"
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument(
+        "--detectors",
+        help="label-noise detectors recorded during warm-up: all (default) or a comma list "
+        f"of {', '.join(DETECTOR_NAMES)}",
+    )
+    p.add_argument(
+        "--flag-by",
+        help="score whose Otsu split flags (and relabels) samples: linc (default), "
+        "consensus or a detector name",
+    )
+    p.add_argument(
+        "--cl-folds",
+        type=int,
+        help="also run confident learning on K-fold out-of-fold probabilities "
+        "(K extra warm-up trainings; default 0 = off)",
+    )
+    p.add_argument(
+        "--bimodality-min",
+        type=float,
+        help="relabel only when the flagging score's Otsu between-class variance ratio "
+        f"reaches this (default {ETA_MIN}; 0 = always relabel)",
+    )
+    p.add_argument(
+        "--dataset-roots",
+        help="read the dataset only if it is a name in the data dir or lies under these "
+        "comma-separated folders / s3://BUCKET/PREFIX roots, as the service's jobs do "
+        "(default: any dataset; never taken from NOISESCORE_DATASET_ROOTS)",
+    )
 
 
 def _add_clean(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -107,8 +145,11 @@ def _add_flow(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "run",
         help="trigger a run of a clean-labels deployment (PREFECT_API_URL must be set)",
         description="Create a flow run of a deployment (e.g. clean-labels/local from "
-        "prefect.yaml, or one served by `noisescore flow serve`) with these settings; a "
-        "worker of the deployment's pool runs it.",
+        "prefect.yaml, or one served by `noisescore flow serve`) on the Prefect server of "
+        "PREFECT_API_URL, with these settings; a worker of the deployment's pool runs it and "
+        "stores the artifacts where the worker's NOISESCORE_S3_* / NOISESCORE_STORE_DIR say. "
+        "With --wait, prints the same summary as `noisescore clean` (read from this "
+        "terminal's store, which must be the worker's).",
         argument_default=argparse.SUPPRESS,
     )
     _add_settings_flags(run)
@@ -119,11 +160,18 @@ def _add_flow(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="FLOW/DEPLOYMENT name (default clean-labels/local)",
     )
     run.add_argument(
-        "--wait", action="store_true", default=False, help="wait until the run finishes"
+        "--wait",
+        action="store_true",
+        default=False,
+        help="wait until the run finishes and print its results",
     )
     serve = verbs.add_parser(
         "serve",
         help="serve clean-labels as a deployment from this process (no work pool needed)",
+        description="Register the deployment clean-labels/NAME on the Prefect server of "
+        "PREFECT_API_URL and run its flow runs in child processes of this one. The runs "
+        "store their artifacts where this process's NOISESCORE_S3_* / NOISESCORE_STORE_DIR "
+        "say (default ./artifacts).",
     )
     serve.add_argument("--name", default="served", help="deployment name (default served)")
     serve.add_argument("--limit", type=int, default=1, help="concurrent runs (default 1)")
@@ -134,10 +182,36 @@ def _add_verify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "verify",
         help="check a job's artifacts against its manifest (size and sha256)",
         description="Read jobs/<job-id>/manifest.json from the artifact store and verify "
-        "every file it lists. Exit 0 when all match, 1 when a file is missing or corrupt.",
+        "every file it lists. The store is MinIO/S3 when NOISESCORE_S3_ENDPOINT is set "
+        "(with NOISESCORE_S3_BUCKET, _ACCESS_KEY, _SECRET_KEY), else the local --store-dir. "
+        "Exit 0 when all match, 1 when the job is not there or a file is missing or corrupt.",
     )
     p.add_argument("job_id", metavar="JOB_ID")
-    p.add_argument("--store-dir", default=argparse.SUPPRESS, help="local store root")
+    p.add_argument(
+        "--store-dir",
+        default=argparse.SUPPRESS,
+        help="local store root when NOISESCORE_S3_ENDPOINT is unset (default "
+        "$NOISESCORE_STORE_DIR or ./artifacts)",
+    )
+
+
+def _add_datasets(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("datasets", help="put a dataset into MinIO/S3 for s3:// jobs")
+    verbs = p.add_subparsers(dest="verb", required=True)
+    upload = verbs.add_parser(
+        "upload",
+        help="check that FILE loads as a dataset, then upload it to s3://BUCKET/KEY",
+        description="Load FILE (a MedMNIST .npz or a CSV manifest of images) as a job "
+        "would, then upload it to the S3/MinIO endpoint of NOISESCORE_S3_ENDPOINT with "
+        "NOISESCORE_S3_ACCESS_KEY / NOISESCORE_S3_SECRET_KEY (the bucket is created if "
+        "missing). A manifest goes with every image it names, at the same relative paths, "
+        "and is written last. Nothing is uploaded when FILE does not load.",
+    )
+    upload.add_argument("file", metavar="FILE", help=".npz archive or .csv manifest")
+    upload.add_argument("uri", metavar="s3://BUCKET/KEY", help="where jobs will read it")
+    upload.add_argument(
+        "--image-size", type=int, default=None, help="resize while checking (see clean)"
+    )
 
 
 def _add_client_flags(p: argparse.ArgumentParser) -> None:
@@ -184,6 +258,12 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--health-addr", help="host:port of a plaintext health-only server (default: none)"
     )
     p.add_argument("--store-dir", help="local artifact store when no S3 endpoint is set")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve a non-loopback --grpc-addr without bearer tokens or mTLS (anyone who "
+        "reaches the port may call every RPC); NOISESCORE_INSECURE=true does the same",
+    )
 
 
 def _add_jobs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -245,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_clean(sub)
     _add_flow(sub)
     _add_verify(sub)
+    _add_datasets(sub)
     _add_serve(sub)
     # Handled before parsing (noisescore.healthcheck); listed here for --help.
     sub.add_parser(
@@ -257,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _summary(report: dict[str, Any], url: str) -> str:
+def _summary(report: dict[str, Any], url: str, files: Sequence[str]) -> str:
     d, linc, test = report["dataset"], report["linc"], report.get("test") or {}
     lines = [
         f"dataset   {d['name']}: {d['n_train']} train, {d['n_classes']} classes",
@@ -282,11 +363,14 @@ def _summary(report: dict[str, Any], url: str) -> str:
     if report.get("baseline"):
         lines.append(f"baseline  test accuracy {report['baseline']['test']['accuracy']:.3f}")
     lines.append(f"artifacts {url}")
-    lines.append(
-        "          spec.json noisy_labels.npy trust_by_epoch.npy trust.csv report.json "
-        "model.pt model.onnx manifest.json"
-    )
+    lines.append(f"          {' '.join([*files, 'manifest.json'])}")
     return "\n".join(lines)
+
+
+def _job_summary(job: JobStore) -> str:
+    """The summary of a complete job, read from its store and verified."""
+    report = json.loads(job.get("report.json"))  # verified against the manifest
+    return _summary(report, job.url(), list(job.read_manifest()["files"]))
 
 
 _SETTINGS_EXCLUDE = {"command", "verb", "quiet", "job_id", "store_dir", "deployment", "wait"}
@@ -342,6 +426,77 @@ def _quiet_console(*, quiet: bool) -> None:
                 formatter._noisescore_quiet = True  # type: ignore[attr-defined]
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C in the main thread: ``finally`` blocks (the job's
+    lease) and ``atexit`` handlers (Prefect stops its temporary API server there) run,
+    which the default action of those signals, an immediate exit, would skip."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM/SIGHUP into :class:`Terminated` while the block runs; if one arrives,
+    stop whatever child processes are left (the temporary Prefect server) on the way out."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Terminated(signum)
+
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # signals go to main only
+        yield
+        return
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    except KeyboardInterrupt:
+        _stop_children()
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop_children(grace: float = 5.0) -> None:
+    """SIGTERM every child process of this one (then SIGKILL after ``grace`` seconds).
+    Prefect's temporary server would otherwise outlive an interrupted ``noisescore clean``
+    when atexit is not reached (Linux ``/proc``; elsewhere atexit must do)."""
+    import time
+
+    def children() -> list[int]:
+        found = []
+        for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as handle:
+                    fields = handle.read().rsplit(b")", 1)[-1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == os.getpid() and fields[0] != b"Z":
+                found.append(int(entry))
+        return found
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = children()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while pids and time.monotonic() < deadline:
+            for pid in list(pids):
+                with contextlib.suppress(ChildProcessError):
+                    if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                        pids.remove(pid)
+            pids = [pid for pid in pids if pid in children()]
+            time.sleep(0.05)
+        if not pids:
+            return
+
+
 def _clean(args: argparse.Namespace) -> int:
     if "store_dir" in args:
         os.environ["NOISESCORE_STORE_DIR"] = str(args.store_dir)
@@ -356,10 +511,9 @@ def _clean(args: argparse.Namespace) -> int:
         validate_job_id(args.job_id)
     open_store(StoreSettings()).check()  # an unusable store fails before any training
     _quiet_console(quiet=args.quiet)
-    summary = clean_labels(settings=settings, job_id=args.job_id)
-    job = JobStore(open_store(StoreSettings()), summary["job_id"])
-    report = json.loads(job.get("report.json"))  # verified against the manifest
-    print(_summary(report, summary["url"]))
+    with _terminate_as_interrupt():
+        summary = clean_labels(settings=settings, job_id=args.job_id)
+    print(_job_summary(JobStore(open_store(StoreSettings()), summary["job_id"])))
     return 0
 
 
@@ -368,22 +522,68 @@ def _flow_run(args: argparse.Namespace) -> int:
     if args.job_id is not None:
         validate_job_id(args.job_id)
     _prefect_env()
-    from prefect.deployments import run_deployment
+    from prefect.settings import get_current_settings
 
+    api_url = get_current_settings().api.url  # env or the active Prefect profile
+    if not api_url:
+        # Without it, Prefect would start a temporary server that has no deployments.
+        print(f"noisescore: error: {NO_PREFECT_API}", file=sys.stderr)
+        return EXIT_USAGE
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        unhealthy = client.api_healthcheck()
+    if unhealthy is not None:
+        print(
+            f"noisescore: error: no Prefect API answers at PREFECT_API_URL={api_url} "
+            f"({type(unhealthy).__name__}: {unhealthy}); start `prefect server start` or fix "
+            f"PREFECT_API_URL",
+            file=sys.stderr,
+        )
+        return 1
     parameters: dict[str, Any] = {"settings": settings.model_dump(mode="json", exclude_unset=True)}
     if args.job_id is not None:
         parameters["job_id"] = args.job_id
-    run = cast(
-        "FlowRun",
-        run_deployment(args.deployment, parameters=parameters, timeout=None if args.wait else 0),
-    )
+    try:
+        run = cast(
+            "FlowRun",
+            run_deployment(
+                args.deployment, parameters=parameters, timeout=None if args.wait else 0
+            ),
+        )
+    except ObjectNotFound:
+        print(
+            f"noisescore: error: no deployment {args.deployment} at {api_url}: deploy "
+            f"prefect.yaml (`prefect --no-prompt deploy --all`) or serve one (`noisescore "
+            f"flow serve`, then --deployment clean-labels/served)",
+            file=sys.stderr,
+        )
+        return 1
     state = run.state.name if run.state else "unknown"
+    job_id = args.job_id or str(run.id)
     print(f"flow run {run.name} ({run.id}) of {args.deployment}: {state}")
-    print(f"job id   {args.job_id or run.id}")
-    if args.wait and (run.state is None or not run.state.is_completed()):
+    print(f"job id   {job_id}")
+    if not args.wait:
+        return 0
+    if run.state is None or not run.state.is_completed():
         message = run.state.message if run.state else ""
         print(f"noisescore: error: the run ended {state}: {message}", file=sys.stderr)
         return 1
+    from noisescore.jobs import JobStore
+    from noisescore.settings import StoreSettings
+    from noisescore.storage import open_store
+
+    job = JobStore(open_store(StoreSettings()), job_id)
+    if not job.is_complete():
+        print(
+            f"noisescore: the run completed, but job {job_id} is not in this terminal's "
+            f"store ({job.url()}): the worker stored it in its own ({_other_store_hint()})",
+            file=sys.stderr,
+        )
+        return 0
+    print(_job_summary(job))
     return 0
 
 
@@ -395,18 +595,49 @@ def _flow_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store_in_use(settings: StoreSettings, url: str) -> str:
+    """Which store the settings chose (its URL) and why, for messages."""
+    if settings.s3_endpoint:
+        return f"the S3 store {url} (NOISESCORE_S3_ENDPOINT={settings.s3_endpoint})"
+    return f"the local store {url} (NOISESCORE_S3_ENDPOINT is not set)"
+
+
+def _other_store_hint() -> str:
+    return (
+        "set NOISESCORE_S3_ENDPOINT, NOISESCORE_S3_BUCKET, NOISESCORE_S3_ACCESS_KEY and "
+        "NOISESCORE_S3_SECRET_KEY for a job in MinIO/S3, or unset NOISESCORE_S3_ENDPOINT and "
+        "give --store-dir (or NOISESCORE_STORE_DIR) for a local one, as where the job ran"
+    )
+
+
 def _verify(args: argparse.Namespace) -> int:
     if "store_dir" in args:
         os.environ["NOISESCORE_STORE_DIR"] = str(args.store_dir)
-    from noisescore.jobs import JobStore
+    from noisescore.jobs import IncompleteJob, JobStore
     from noisescore.settings import StoreSettings
-    from noisescore.storage import ChecksumMismatch, open_store
+    from noisescore.storage import ChecksumMismatch, StorageError, open_store
 
-    job = JobStore(open_store(StoreSettings()), validate_job_id(args.job_id))
+    store_settings = StoreSettings()
+    job = JobStore(open_store(store_settings), validate_job_id(args.job_id))
     try:
         refs = job.verify()
     except ChecksumMismatch as err:
         print(f"noisescore: corrupt: {err}", file=sys.stderr)
+        return 1
+    except IncompleteJob as err:
+        searched = _store_in_use(store_settings, job.store.url())
+        try:
+            started = bool(job.store.list(job.prefix))
+        except StorageError:  # e.g. the bucket does not exist
+            started = False
+        if started:
+            print(f"noisescore: incomplete: {err}; searched {searched}", file=sys.stderr)
+        else:
+            print(
+                f"noisescore: error: no job {job.job_id} in {searched} (looked for "
+                f"{job.url('manifest.json')}); to search another store, {_other_store_hint()}",
+                file=sys.stderr,
+            )
         return 1
     for name, ref in sorted(refs.items()):
         print(f"ok  {ref.size:>12,d}  {ref.sha256[:16]}  {name}")
@@ -415,13 +646,26 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _format_validation(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        where = ".".join(str(x) for x in e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
-        # Model-level checks (e.g. warm-up vs epochs) have no location: no "--" prefix then.
-        parts.append(f"--{where.replace('_', '-')}: {msg}" if where else msg)
-    return "; ".join(parts)
+    from noisescore.settings import format_settings_error  # the flow fails with the same
+
+    return format_settings_error(err)
+
+
+def _datasets_upload(args: argparse.Namespace) -> int:
+    from noisescore.datasets import upload_dataset
+    from noisescore.settings import StoreSettings
+
+    upload = upload_dataset(args.file, args.uri, StoreSettings(), image_size=args.image_size)
+    for url, ref in upload.objects:
+        print(f"uploaded  {ref.size:>12,d}  {ref.sha256[:16]}  {url}")
+    d = upload.dataset
+    splits = [f"{len(d.train)} train"]
+    splits += [f"{len(s)} {n}" for n, s in (("val", d.val), ("test", d.test)) if s is not None]
+    print(
+        f"dataset {upload.uri}: {', '.join(splits)}, {d.n_classes} classes; jobs read it with "
+        f"--dataset {upload.uri} (where NOISESCORE_S3_* point at this endpoint)"
+    )
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -430,11 +674,14 @@ def _serve(args: argparse.Namespace) -> int:
             os.environ[f"NOISESCORE_{flag.upper()}"] = getattr(args, flag)
     if args.store_dir:
         os.environ["NOISESCORE_STORE_DIR"] = args.store_dir
+    if args.insecure:
+        os.environ["NOISESCORE_INSECURE"] = "true"
     from noisescore.service.app import create_app
-    from noisescore.service.server import serve_forever
+    from noisescore.service.server import check_exposure, serve_forever
     from noisescore.settings import ServiceSettings
 
     settings = ServiceSettings()
+    check_exposure(settings)  # before the store is opened or any job is recovered
     app = create_app(settings).start()
     where = f"gRPC on {settings.grpc_addr.rsplit(':', 1)[0]}:{app.port}"
     if app.metrics_port and settings.metrics_addr:
@@ -580,6 +827,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("flow", "run"): _flow_run,
         ("flow", "serve"): _flow_serve,
         ("verify", None): _verify,
+        ("datasets", "upload"): _datasets_upload,
         ("serve", None): _serve,
         ("jobs", getattr(args, "verb", None)): _jobs,
         ("corrections", None): _corrections,
@@ -599,9 +847,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except (ValueError, NotADirectoryError) as err:  # DataError, NoiseSpecError, ModelError...
         print(f"noisescore: error: {err}", file=sys.stderr)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print("noisescore: interrupted; the job has no manifest.json", file=sys.stderr)
-        return 130
+        return 128 + err.signum if isinstance(err, Terminated) else 130
     return EXIT_USAGE
 
 

@@ -5,15 +5,31 @@ the size and sha256 of every file. The manifest's presence is what "complete" me
 that is running, failed or was never published has none, and a reader that finds one can
 verify every file against it (:meth:`JobStore.verify`). Other keys (checkpoints, progress,
 plots) may live under the same prefix; they are verified only if the manifest lists them.
+
+A manifest that is malformed or names another job, and a listed file that is missing, are
+:class:`~noisescore.storage.CorruptArtifact` (like a checksum mismatch): the store holds
+data that contradicts itself, which no retry repairs.
+
+While a process runs a job it holds the job's lease, ``lease.json`` (:class:`JobLease`):
+host, pid, the process's start time and a heartbeat. A reader tells a job that is running
+from one whose process died (:meth:`Lease.alive`) without asking the process that started it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import re
+import signal
+import socket
+import threading
 import uuid
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from types import TracebackType
 from typing import Any
 
 from noisescore.storage import (
@@ -21,6 +37,7 @@ from noisescore.storage import (
     ArtifactRef,
     ArtifactStore,
     ChecksumMismatch,
+    CorruptArtifact,
     StorageError,
     sha256_hex,
     validate_key,
@@ -29,17 +46,26 @@ from noisescore.storage import (
 __all__ = [
     "JOBS_PREFIX",
     "JOB_FILES",
+    "LEASE",
     "MANIFEST",
     "MANIFEST_FORMAT",
     "IncompleteJob",
+    "JobAlreadyRunning",
+    "JobLease",
     "JobStore",
+    "Lease",
+    "MissingArtifact",
     "list_jobs",
     "new_job_id",
+    "read_lease",
     "validate_job_id",
 ]
 
+logger = logging.getLogger(__name__)
+
 JOBS_PREFIX = "jobs/"
 MANIFEST = "manifest.json"
+LEASE = "lease.json"
 MANIFEST_FORMAT = "noisescore.job.v1"
 JOB_FILES: tuple[str, ...] = (
     "spec.json",
@@ -58,6 +84,11 @@ _RESERVED = ("format", "job_id", "created", "files")
 
 class IncompleteJob(StorageError):
     """The job has no ``manifest.json``: it is still running, failed, or was never published."""
+
+
+class MissingArtifact(ArtifactNotFound, CorruptArtifact):
+    """A complete job lacks a file: listed in its manifest but not stored, or one of
+    :data:`JOB_FILES` not listed at all."""
 
 
 def new_job_id() -> str:
@@ -137,7 +168,9 @@ class JobStore:
             return self.store.get_bytes(self.key(name))
         files = self.read_manifest()["files"]
         if name not in files:
-            raise ArtifactNotFound(
+            # Every complete job has JOB_FILES: one that is not listed is damage.
+            kind = MissingArtifact if name in JOB_FILES else ArtifactNotFound
+            raise kind(
                 f"job {self.job_id}: {name!r} is not listed in {self.url(MANIFEST)}; "
                 f"listed: {', '.join(sorted(files)) or 'nothing'}"
             )
@@ -221,7 +254,7 @@ class JobStore:
         ------
         IncompleteJob
             If there is none yet.
-        StorageError
+        CorruptArtifact
             If it is not a valid ``noisescore.job.v1`` manifest of this job.
         """
         try:
@@ -233,11 +266,11 @@ class JobStore:
             ) from exc
         try:
             manifest = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise StorageError(f"{self.url(MANIFEST)} is not valid JSON: {exc}") from exc
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise CorruptArtifact(f"{self.url(MANIFEST)} is not valid JSON: {exc}") from exc
         problem = _manifest_problem(manifest, self.job_id)
         if problem:
-            raise StorageError(f"{self.url(MANIFEST)} is malformed: {problem}")
+            raise CorruptArtifact(f"{self.url(MANIFEST)} is malformed: {problem}")
         return manifest
 
     def is_complete(self) -> bool:
@@ -273,7 +306,7 @@ class JobStore:
         try:
             data = self.store.get_bytes(self.key(name))
         except ArtifactNotFound as exc:
-            raise ArtifactNotFound(
+            raise MissingArtifact(
                 f"job {self.job_id}: {name} is listed in {MANIFEST} but missing at {self.url(name)}"
             ) from exc
         digest = sha256_hex(data)
@@ -324,3 +357,235 @@ def list_jobs(store: ArtifactStore) -> list[str]:
         if len(parts) > 1 and _JOB_ID_RE.fullmatch(parts[0]):
             ids.add(parts[0])
     return sorted(ids)
+
+
+# ----------------------------------------------------------------------------- leases
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
+
+
+def process_start(pid: int) -> str:
+    """When process ``pid`` started (clock ticks since boot, ``/proc/<pid>/stat``), or ``""``
+    when it does not exist or this is not Linux: with the boot id, a pid that was reused by
+    another process is not taken for the one that held a lease."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            text = handle.read().decode(errors="replace")
+    except OSError:
+        return ""
+    fields = text.rsplit(")", 1)[-1].split()  # the command name may hold spaces
+    return fields[19] if len(fields) > 19 else ""
+
+
+def _command_line(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return [a.decode(errors="replace") for a in handle.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def _stamp(when: datetime | None = None) -> str:
+    when = when or datetime.now(UTC)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Who runs a job: ``jobs/<id>/lease.json``.
+
+    Attributes
+    ----------
+    job_id : str
+    host : str
+        ``socket.gethostname()`` of the process.
+    boot_id : str
+        The host's boot id (Linux), so a rebooted host's old pids mean nothing.
+    pid : int
+    pid_start : str
+        :func:`process_start` of ``pid``.
+    started, heartbeat : str
+        ISO-8601 UTC: when the lease was first taken and last refreshed.
+    ttl_s : float
+        Seconds the lease stays valid after ``heartbeat`` (the writer refreshes it every
+        third of that).
+    """
+
+    job_id: str
+    host: str
+    boot_id: str
+    pid: int
+    pid_start: str
+    started: str
+    heartbeat: str
+    ttl_s: float
+
+    @classmethod
+    def of_process(cls, job_id: str, pid: int, ttl_s: float, started: str = "") -> Lease:
+        now = _stamp()
+        return cls(
+            job_id, socket.gethostname(), _boot_id(), pid, process_start(pid),
+            started or now, now, float(ttl_s),
+        )  # fmt: skip
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), indent=2).encode() + b"\n"
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Lease:
+        """Parse a lease; :class:`ValueError` if it is not one."""
+        try:
+            fields = json.loads(data)
+            lease = cls(
+                job_id=str(fields["job_id"]), host=str(fields["host"]),
+                boot_id=str(fields["boot_id"]), pid=int(fields["pid"]),
+                pid_start=str(fields["pid_start"]), started=str(fields["started"]),
+                heartbeat=str(fields["heartbeat"]), ttl_s=float(fields["ttl_s"]),
+            )  # fmt: skip
+            datetime.fromisoformat(lease.heartbeat.replace("Z", "+00:00"))
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+            raise ValueError(f"not a job lease: {exc}") from exc
+        return lease
+
+    @property
+    def on_this_host(self) -> bool:
+        """The lease was taken on this host, since its last boot."""
+        return self.host == socket.gethostname() and self.boot_id == _boot_id() != ""
+
+    def process_alive(self) -> bool:
+        """On this host: the process still exists and is the one that took the lease."""
+        return self.pid > 0 and self.pid_start != "" and process_start(self.pid) == self.pid_start
+
+    def alive(self, now: datetime | None = None) -> bool:
+        """Whether the job's process is still running.
+
+        On the host that holds the lease the process table decides (a killed process is
+        dead at once, a live one is alive even if its heartbeat thread stalls); elsewhere
+        the heartbeat must be younger than ``ttl_s``, by this host's clock.
+        """
+        if self.on_this_host:
+            return self.process_alive()
+        beat = datetime.fromisoformat(self.heartbeat.replace("Z", "+00:00"))
+        return ((now or datetime.now(UTC)) - beat).total_seconds() <= self.ttl_s
+
+    def describe(self) -> str:
+        return f"pid {self.pid} on {self.host}, last heartbeat {self.heartbeat}"
+
+    def signal(self, signum: int = signal.SIGTERM) -> bool:
+        """Send ``signum`` to the job's process (its process group when it leads one).
+
+        Only on the host that holds the lease, only while the pid is still the process
+        that took it, and only when that process's command line names the job (``--job-id
+        <id>``): a lease is data in the store, and whoever can write the store must not be
+        able to make the service signal arbitrary processes. Returns whether it was sent.
+        """
+        if not (self.on_this_host and self.process_alive()):
+            return False
+        if self.job_id not in _command_line(self.pid):
+            logger.warning(
+                "job %s: not signalling pid %d: its command line does not name the job",
+                self.job_id, self.pid,
+            )  # fmt: skip
+            return False
+        try:
+            if os.getpgid(self.pid) == self.pid:
+                os.killpg(self.pid, signum)
+            else:
+                os.kill(self.pid, signum)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def read_lease(job: JobStore) -> Lease | None:
+    """The job's lease, or None when there is none or it is unreadable (a dead lease)."""
+    try:
+        data = job.store.get_bytes(job.key(LEASE))
+    except ArtifactNotFound:
+        return None
+    except CorruptArtifact as exc:
+        logger.warning("job %s: %s", job.job_id, exc)
+        return None
+    try:
+        lease = Lease.from_bytes(data)
+    except ValueError as exc:
+        logger.warning("job %s: unreadable %s (%s)", job.job_id, LEASE, exc)
+        return None
+    return lease if lease.job_id == job.job_id else None
+
+
+class JobAlreadyRunning(ValueError):
+    """A live process holds the job's lease: the same job id cannot run twice at once."""
+
+
+class JobLease:
+    """Hold a job's lease while the block runs: write it, refresh it every ``ttl_s / 3``
+    seconds from a daemon thread, delete it on the way out (when it is still ours).
+
+    A failed refresh is logged and retried at the next beat: a flaky store must not stop
+    the job, and a lease that then expires only makes readers think the job died.
+    """
+
+    def __init__(self, job: JobStore, ttl_s: float, *, pid: int | None = None) -> None:
+        self.job = job
+        self.ttl_s = ttl_s
+        self.pid = os.getpid() if pid is None else pid
+        self._started = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def beat(self) -> None:
+        lease = Lease.of_process(self.job.job_id, self.pid, self.ttl_s, self._started)
+        self._started = lease.started
+        self.job.put(LEASE, lease.to_bytes(), content_type="application/json")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                self.beat()
+            except Exception as exc:  # best effort, see the class docstring
+                logger.warning("job %s: could not refresh its lease: %s", self.job.job_id, exc)
+
+    def __enter__(self) -> JobLease:
+        held = read_lease(self.job)
+        # The service writes the lease of a job it starts, naming itself until the child
+        # runs, then the child: both may be the holder here.
+        if held is not None and held.pid not in (self.pid, os.getppid()) and held.alive():
+            raise JobAlreadyRunning(
+                f"job {self.job.job_id} is already running ({held.describe()}); use another "
+                "job id, or cancel that run first"
+            )
+        try:
+            self.beat()
+        except StorageError as exc:  # the job's first step reports an unusable store
+            logger.warning("job %s: could not take its lease: %s", self.job.job_id, exc)
+        self._thread = threading.Thread(
+            target=self._run, name=f"lease-{self.job.job_id}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        release_lease(self.job, self.pid)
+
+
+def release_lease(job: JobStore, pid: int) -> None:
+    """Delete the job's lease if ``pid`` holds it (best effort: it expires anyway)."""
+    with contextlib.suppress(StorageError):
+        lease = read_lease(job)
+        if lease is not None and lease.pid == pid and lease.on_this_host:
+            job.store.delete(job.key(LEASE))

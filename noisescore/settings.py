@@ -8,17 +8,54 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
+from noisescore.ml.detector_names import (
+    DETECTOR_NAMES,
+    ETA_MIN,
+    check_flag_by,
+    parse_detectors,
+)
 from noisescore.ml.model_names import DEFAULT_MODEL, check_model_name
 from noisescore.ml.noise import parse_noise_spec
 
 
+def _dataset_roots(value: Any) -> Any:
+    """``NOISESCORE_DATASET_ROOTS`` / ``--dataset-roots``: a comma-separated or JSON list."""
+    if value is None:
+        return None
+    from noisescore.uris import parse_dataset_roots  # lazily: it imports numpy/PIL
+
+    return parse_dataset_roots(value)
+
+
+class _EnvWithout(EnvSettingsSource):
+    """The ``NOISESCORE_*`` environment minus fields that only an explicit value may set."""
+
+    def __init__(self, settings_cls: type[BaseSettings], *, without: frozenset[str]) -> None:
+        super().__init__(settings_cls)
+        self.without = without
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in super().__call__().items() if k not in self.without}
+
+
 class CleanSettings(BaseSettings):
-    """One cleaning job: data, optional noise injection, LiNC and the final training."""
+    """One cleaning job: data, optional noise injection, LiNC and the final training.
+
+    ``dataset_roots`` is never read from the environment: the service sets it on the jobs
+    it submits (its ``NOISESCORE_DATASET_ROOTS``), so ``noisescore clean`` run by the
+    operator keeps reading any dataset even where that variable is exported.
+    """
 
     model_config = SettingsConfigDict(env_prefix="NOISESCORE_", extra="forbid")
 
@@ -45,6 +82,44 @@ class CleanSettings(BaseSettings):
     alpha_grad: Literal["mean", "sample"] = "mean"
     baseline: bool = Field(False, description="also train plain cross-entropy, same seed")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    detectors: str = Field(
+        "all", description="label-noise detectors recorded during warm-up: all or NAME,NAME"
+    )
+    flag_by: str = Field(
+        "linc", description="score whose Otsu split flags samples: linc, consensus or a detector"
+    )
+    cl_folds: int = Field(
+        0, ge=0, le=20, description="K-fold out-of-fold confident learning (K extra warm-ups)"
+    )
+    bimodality_min: float = Field(
+        ETA_MIN,
+        ge=0,
+        le=1,
+        description="relabel only when the flagging score's between-class variance ratio "
+        "(Otsu) reaches this; 0 = always relabel",
+    )
+    dataset_roots: Annotated[tuple[str, ...] | None, NoDecode] = Field(
+        None,
+        description="restrict the dataset to a name in data_dir or a URI under these roots "
+        "(folders, s3://BUCKET/PREFIX), as for jobs submitted over the API; unset = any",
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        env = _EnvWithout(settings_cls, without=frozenset({"dataset_roots"}))
+        return init_settings, env, dotenv_settings, file_secret_settings
+
+    @field_validator("dataset_roots", mode="before")
+    @classmethod
+    def _valid_dataset_roots(cls, value: Any) -> Any:
+        return _dataset_roots(value)
 
     @field_validator("dataset")
     @classmethod
@@ -65,6 +140,28 @@ class CleanSettings(BaseSettings):
             return None
         return str(parse_noise_spec(value))
 
+    @field_validator("detectors")
+    @classmethod
+    def _known_detectors(cls, value: str) -> str:
+        names = parse_detectors(value)
+        return "all" if names == DETECTOR_NAMES else ",".join(names)
+
+    @field_validator("cl_folds")
+    @classmethod
+    def _folds(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("cl_folds must be 0 (off) or at least 2")
+        return value
+
+    def detector_names(self) -> tuple[str, ...]:
+        """The detectors this job records, ``linc`` first."""
+        return parse_detectors(self.detectors)
+
+    @model_validator(mode="after")
+    def _flag_by_computed(self) -> CleanSettings:
+        self.flag_by = check_flag_by(self.flag_by, self.detector_names(), self.cl_folds)
+        return self
+
     @model_validator(mode="after")
     def _warmup_within_epochs(self) -> CleanSettings:
         if self.warmup_epochs > self.epochs:
@@ -72,6 +169,19 @@ class CleanSettings(BaseSettings):
                 f"warmup_epochs ({self.warmup_epochs}) must not exceed epochs ({self.epochs})"
             )
         return self
+
+
+def format_settings_error(err: ValidationError) -> str:
+    """One line for a :class:`CleanSettings` validation error, naming each bad field by its
+    ``noisescore clean`` flag (``--epochs: …``); cross-field checks are given as they are.
+    The CLI prints it and the flow fails with it, so both say the same thing."""
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        # Model-level checks (e.g. warm-up vs epochs) have no location: no "--" prefix then.
+        parts.append(f"--{where.replace('_', '-')}: {msg}" if where else msg)
+    return "; ".join(parts)
 
 
 class StoreSettings(BaseSettings):
@@ -92,6 +202,19 @@ class StoreSettings(BaseSettings):
     s3_secure: bool = Field(False, description="TLS to the endpoint (https)")
     s3_region: str = "us-east-1"
     store_dir: Path = Field(Path("artifacts"), description="local store root (no endpoint)")
+    job_lease_ttl: float = Field(
+        60.0,
+        ge=1.0,
+        le=3600.0,
+        description="seconds a job's lease (jobs/<id>/lease.json, refreshed every third of "
+        "it by the process running the job) stays valid without a heartbeat",
+    )
+    s3_max_object_bytes: int = Field(
+        4 * 1024**3,
+        ge=1,
+        description="largest object an s3:// dataset fetches (the .npz, the manifest, each "
+        "image it lists)",
+    )
 
 
 class ServiceSettings(BaseSettings):
@@ -120,6 +243,27 @@ class ServiceSettings(BaseSettings):
     job_workers: int = Field(1, ge=1, le=64, description="cleaning jobs run at once")
     max_queue: int = Field(16, ge=0, le=10_000, description="queued jobs before RESOURCE_EXHAUSTED")
     max_batch: int = Field(1024, ge=1, le=65_536, description="images per Predict/ScoreLabels")
+    max_request_pixels: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="decoded pixels one Predict/ScoreLabels request may need: each image's "
+        "width x height (x2 for 16-bit) plus the model's input size; checked on the headers",
+    )
+    max_inflight_pixels: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        description="decoded pixels all Predict/ScoreLabels requests may hold at once; "
+        "past it RESOURCE_EXHAUSTED",
+    )
+    max_watches: int = Field(
+        1000, ge=1, le=100_000, description="open WatchJob streams; past it RESOURCE_EXHAUSTED"
+    )
+    saturation_grace: float = Field(
+        5.0,
+        gt=0,
+        description="seconds a call may wait for an RPC thread before readiness (health of "
+        "noisescore.v1.NoiseScoring) turns NOT_SERVING",
+    )
     onnx_threads: int = Field(
         0, ge=0, le=256, description="onnxruntime threads per call; 0 = one per core"
     )
@@ -133,6 +277,24 @@ class ServiceSettings(BaseSettings):
         "clean-labels/local", description="deployment that runs jobs in prefect mode"
     )
     shutdown_grace: float = Field(10.0, ge=0, description="seconds in-flight RPCs may finish")
+    dataset_roots: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="comma-separated folders and s3://BUCKET/PREFIX roots whose datasets "
+        "submitted jobs may read, besides the dataset names in the data directory",
+    )
+    insecure: bool = Field(
+        False,
+        description="allow binding grpc_addr to a non-loopback address without auth_tokens or mTLS",
+    )
+
+    @field_validator("dataset_roots", mode="before")
+    @classmethod
+    def _valid_dataset_roots(cls, value: Any) -> Any:
+        return _dataset_roots(value) or ()
+
+    def authenticated(self) -> bool:
+        """Whether callers must prove who they are: bearer tokens or client certificates."""
+        return bool(self.tokens()) or self.tls_client_ca is not None
 
     def runner(self) -> Literal["local", "prefect"]:
         """The job runner ``auto`` resolves to (a Prefect API configured in the env)."""

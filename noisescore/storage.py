@@ -7,27 +7,35 @@ an S3 endpoint when one is configured, else the local ``store_dir``.
 
 Errors form one small hierarchy so that callers (flows, the service) can decide what to
 retry: :class:`StorageUnavailable` (server unreachable, timeout, 5xx) is worth retrying,
-:class:`ArtifactNotFound` and the other :class:`StorageError` s are not.
+:class:`ArtifactNotFound` and the other :class:`StorageError` s are not;
+:class:`CorruptArtifact` (a checksum mismatch, a malformed manifest, a symbolic link in a
+local store) is stored data that contradicts itself, which no retry repairs.
+
+:meth:`ArtifactStore.claim` creates a key only if nobody else did (idempotency keys shared
+by service replicas): ``O_EXCL`` semantics locally, a claim protocol on S3 (see there).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import os
 import re
+import secrets
+import stat
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import urllib3
 from minio import Minio
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
-
-from noisescore.atomic import atomic_write_bytes
 
 if TYPE_CHECKING:
     # Imported lazily: noisescore.settings pulls in timm/torch (~3.5 s), which a store
@@ -39,10 +47,13 @@ __all__ = [
     "ArtifactRef",
     "ArtifactStore",
     "ChecksumMismatch",
+    "CorruptArtifact",
     "LocalStore",
+    "ObjectTooLarge",
     "S3Store",
     "StorageError",
     "StorageUnavailable",
+    "UnsafeArtifact",
     "open_store",
     "parse_endpoint",
     "sha256_hex",
@@ -64,8 +75,21 @@ class ArtifactNotFound(StorageError):
     """The key does not exist in the store."""
 
 
-class ChecksumMismatch(StorageError):
+class ObjectTooLarge(StorageError):
+    """An object is larger than the caller allows (:meth:`S3Store.download_object`)."""
+
+
+class CorruptArtifact(StorageError):
+    """Stored data is corrupt or inconsistent (DATA_LOSS): a retry cannot repair it."""
+
+
+class ChecksumMismatch(CorruptArtifact):
     """A stored artifact's size or sha256 differs from the one recorded when it was written."""
+
+
+class UnsafeArtifact(CorruptArtifact):
+    """A local store key is a symbolic link or a special file: it is never followed or read
+    (a link could point anywhere outside the store)."""
 
 
 @dataclass(frozen=True)
@@ -195,6 +219,15 @@ class ArtifactStore(ABC):
     def check(self) -> None:
         """Make sure the store is usable; :class:`StorageUnavailable` if it is not."""
 
+    @abstractmethod
+    def claim(self, key: str, data: bytes) -> bytes:
+        """Store ``data`` under ``key`` unless a value is there or being claimed; return the
+        value that holds the key afterwards (``data`` itself when this call won).
+
+        Concurrent callers, in any process or on any host sharing the store, all get the
+        same winner's bytes. Used for idempotency keys and job attempts.
+        """
+
 
 # --------------------------------------------------------------------------- local
 
@@ -204,12 +237,23 @@ def _is_temp_name(name: str) -> bool:
     return name.startswith(".") and name.endswith(".tmp")
 
 
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
+
+
 class LocalStore(ArtifactStore):
     """Artifacts as files under a root directory.
 
-    Writes go through :func:`noisescore.atomic.atomic_write_bytes` (temporary name, then
-    rename), so a reader sees the old file or the new one, never half of one; the hidden
-    temporary files are not listed.
+    Writes go to a hidden temporary name in the key's folder, are flushed to disk and
+    renamed into place, so a reader sees the old file or the new one, never half of one;
+    the hidden temporary files are not listed.
+
+    Symbolic links inside the store are never followed: every folder of a key is opened
+    with ``O_NOFOLLOW`` relative to its parent (``openat``), the file itself too, so a link
+    planted in the store (``jobs/x/trust.csv -> /etc/passwd``, or a linked ``jobs/x``)
+    cannot make the store read or write outside its root. Reading such a key raises
+    :class:`UnsafeArtifact`; writing replaces the link itself. The root may be a link (an
+    operator's choice); it is resolved once, here.
 
     Parameters
     ----------
@@ -226,61 +270,194 @@ class LocalStore(ArtifactStore):
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*validate_key(key).split("/"))
 
+    # -- link-safe access: every component opened relative to its parent, no links
+
+    def _open_folder(self, key: str, *, create: bool = False) -> tuple[int, str]:
+        """Open the folder of ``key`` (never through a link); return its fd and the name."""
+        parts = validate_key(key).split("/")
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+        try:
+            for part in parts[:-1]:
+                try:
+                    child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except NotADirectoryError:
+                    # O_DIRECTORY|O_NOFOLLOW on a link is ENOTDIR on Linux: say ELOOP.
+                    if stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode):
+                        raise OSError(errno.ELOOP, "a symbolic link", part) from None
+                    raise
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    with contextlib.suppress(FileExistsError):  # a concurrent writer's
+                        os.mkdir(part, 0o777, dir_fd=fd)
+                    child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, parts[-1]
+
+    def _lstat(self, key: str) -> os.stat_result | None:
+        """``lstat`` of ``key`` without following links; None when it does not exist."""
+        try:
+            folder, name = self._open_folder(key)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            self._raise_os(exc, "read", key)
+        try:
+            return os.stat(name, dir_fd=folder, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            self._raise_os(exc, "read", key)
+        finally:
+            os.close(folder)
+
+    def _raise_os(self, exc: OSError, action: str, key: str) -> NoReturn:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeArtifact(
+                f"cannot {action} {self.url(key)}: a symbolic link is in the way; the local "
+                "store never follows links inside its root"
+            ) from exc
+        raise StorageError(f"cannot {action} {self.url(key)}: {exc}") from exc
+
     def put_bytes(
         self, key: str, data: bytes, *, content_type: str = "application/octet-stream"
     ) -> ArtifactRef:
-        path = self._path(key)
-        try:
-            atomic_write_bytes(path, data)
-        except OSError as exc:
-            raise StorageError(f"cannot write {self.url(key)}: {exc}") from exc
+        self._write(key, data, replace=True)
         return ArtifactRef(name=key, size=len(data), sha256=sha256_hex(data))
 
-    def get_bytes(self, key: str) -> bytes:
-        path = self._path(key)
+    def _write(self, key: str, data: bytes, *, replace: bool) -> bool:
+        """Write ``data`` to a temporary file and rename (``replace``) or link (not
+        ``replace``: ``False`` when ``key`` exists) it into place."""
         try:
-            return path.read_bytes()
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+            folder, name = self._open_folder(key, create=True)
+        except OSError as exc:
+            self._raise_os(exc, "write", key)
+        tmp = f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC
+            fd = os.open(tmp, flags, 0o666, dir_fd=folder)  # the umask applies
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                if replace:
+                    os.replace(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)
+                    return True
+                try:
+                    os.link(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)
+                except FileExistsError:
+                    return False
+                return True
+            finally:
+                with contextlib.suppress(FileNotFoundError):  # renamed away, or linked
+                    os.unlink(tmp, dir_fd=folder)
+        except OSError as exc:
+            self._raise_os(exc, "write", key)
+        finally:
+            os.close(folder)
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            folder, name = self._open_folder(key)
+            try:
+                # O_NONBLOCK: a FIFO planted in the store must not block the reader.
+                flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC
+                fd = os.open(name, flags, dir_fd=folder)
+            finally:
+                os.close(folder)
+        except (FileNotFoundError, NotADirectoryError) as exc:
             raise ArtifactNotFound(f"{self.url(key)} does not exist") from exc
         except OSError as exc:
-            raise StorageError(f"cannot read {self.url(key)}: {exc}") from exc
+            self._raise_os(exc, "read", key)
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            if stat.S_ISDIR(mode):
+                raise ArtifactNotFound(f"{self.url(key)} does not exist (it is a folder)")
+            raise UnsafeArtifact(f"{self.url(key)} is not a regular file; it is not read")
+        with os.fdopen(fd, "rb") as handle:
+            try:
+                return handle.read()
+            except OSError as exc:
+                raise StorageError(f"cannot read {self.url(key)}: {exc}") from exc
 
     def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        found = self._lstat(key)
+        return found is not None and stat.S_ISREG(found.st_mode)
 
     def size(self, key: str) -> int:
-        path = self._path(key)
-        if not path.is_file():
+        found = self._lstat(key)
+        if found is None or stat.S_ISDIR(found.st_mode):
             raise ArtifactNotFound(f"{self.url(key)} does not exist")
-        return path.stat().st_size
+        if not stat.S_ISREG(found.st_mode):
+            raise UnsafeArtifact(f"{self.url(key)} is a link or special file; it is not read")
+        return found.st_size
 
     def list(self, prefix: str = "") -> list[str]:
         validate_key(prefix, prefix=True)
         # Walk only the deepest folder the prefix names; the rest is a string match.
-        folder = self.root.joinpath(*prefix.split("/")[:-1])
-        if not folder.is_dir():
+        # Links are neither followed nor listed (os.scandir's is_dir/is_file without them).
+        parts = prefix.split("/")[:-1]
+        if parts and self._lstat("/".join(parts)) is None:
             return []
-        keys = []
-        for dirpath, _dirnames, filenames in os.walk(folder):
-            base = Path(dirpath).relative_to(self.root).as_posix()
-            for name in filenames:
-                if _is_temp_name(name):
-                    continue
-                key = name if base == "." else f"{base}/{name}"
-                if key.startswith(prefix):
+        folder = self.root.joinpath(*parts)
+        keys: list[str] = []
+
+        def walk(path: Path, base: str) -> None:
+            try:
+                entries = list(os.scandir(path))
+            except (FileNotFoundError, NotADirectoryError):
+                return
+            except OSError as exc:
+                raise StorageError(f"cannot list {self.url(base)}: {exc}") from exc
+            for entry in entries:
+                key = f"{base}{entry.name}"
+                if entry.is_dir(follow_symlinks=False):
+                    if key.startswith(prefix) or prefix.startswith(key + "/"):
+                        walk(Path(entry.path), key + "/")
+                elif (
+                    entry.is_file(follow_symlinks=False)
+                    and not _is_temp_name(entry.name)
+                    and key.startswith(prefix)
+                ):
                     keys.append(key)
+
+        if folder.is_dir() and not (parts and folder.is_symlink()):
+            walk(folder, "".join(f"{p}/" for p in parts))
         return sorted(keys)
 
     def delete(self, key: str) -> None:
-        path = self._path(key)
-        if path.is_dir():
-            return
         try:
-            path.unlink(missing_ok=True)
-        except NotADirectoryError:
+            folder, name = self._open_folder(key)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as exc:
+            self._raise_os(exc, "delete", key)
+        try:
+            found = os.stat(name, dir_fd=folder, follow_symlinks=False)
+            if stat.S_ISDIR(found.st_mode):
+                return
+            os.unlink(name, dir_fd=folder)  # a link itself, never its target
+        except (FileNotFoundError, NotADirectoryError):
             return
         except OSError as exc:
             raise StorageError(f"cannot delete {self.url(key)}: {exc}") from exc
+        finally:
+            os.close(folder)
+
+    def claim(self, key: str, data: bytes) -> bytes:
+        """``O_EXCL`` semantics: the full value is written to a temporary file and hard-linked
+        to ``key``; the link fails when ``key`` exists, atomically."""
+        if self._write(key, data, replace=False):
+            return data
+        return self.get_bytes(key)
 
     def url(self, key: str = "") -> str:
         validate_key(key, prefix=True)
@@ -509,6 +686,40 @@ class S3Store(ArtifactStore):
 
         return self._call("read", bucket, key, read)
 
+    def download_object(self, bucket: str, key: str, dest: Path, *, max_bytes: int) -> int:
+        """Write the object ``key`` of ``bucket`` to the file ``dest``; return its size.
+
+        Objects over ``max_bytes`` raise :class:`ObjectTooLarge`: checked from the object's
+        size before the transfer and again while streaming (a size that lies does not get
+        further). A partly written ``dest`` is left for the caller's temporary folder.
+        """
+        _validate_bucket(bucket)
+        validate_key(key)
+        where = f"s3://{bucket}/{key}"
+
+        def too_large(size: int) -> ObjectTooLarge:
+            return ObjectTooLarge(f"{where} is {size:,d} bytes, over the limit of {max_bytes:,d}")
+
+        def fetch() -> int:
+            size = self._client.stat_object(bucket, key).size
+            if size is not None and size > max_bytes:
+                raise too_large(size)
+            response = self._client.get_object(bucket, key)
+            written = 0
+            try:
+                with open(dest, "wb") as out:
+                    for chunk in response.stream(1024 * 1024):
+                        written += len(chunk)
+                        if written > max_bytes:
+                            raise too_large(written)
+                        out.write(chunk)
+            finally:
+                response.close()
+                response.release_conn()
+            return written
+
+        return self._call("read", bucket, key, fetch)
+
     def list_objects(self, bucket: str, prefix: str = "") -> list[str]:
         """Return the keys of ``bucket`` that start with ``prefix``, recursively, sorted."""
         _validate_bucket(bucket)
@@ -575,6 +786,52 @@ class S3Store(ArtifactStore):
 
     def _remove(self, key: str) -> None:
         self._client.remove_object(self.bucket, key)
+
+    CLAIM_SETTLE_S = 1.2
+    """Seconds between writing a claim and reading the claims back: more than the 1 s
+    resolution of S3's ``LastModified``, so a claim written after a contender looked is
+    stamped later than that contender's own and cannot win."""
+
+    def claim(self, key: str, data: bytes) -> bytes:
+        """Claim ``key`` without a conditional write.
+
+        S3 offers ``If-None-Match: *`` on PUT, but not every server honours it: ``rclone
+        serve s3`` (measured, 1.75.2) overwrites silently. So each contender writes its own
+        claim object ``<key>.claims/<unique>``, waits :attr:`CLAIM_SETTLE_S`, lists the
+        claims and takes the earliest by the server's ``LastModified``, then the name, as
+        the winner; it then stores the winner's value under ``key`` for later readers (all
+        contenders write the same bytes). Every contender sees every claim stamped no later
+        than its own (it was written before the contender listed), so all pick the same
+        winner. Assumes read-after-write listing (S3 since 2020, MinIO, rclone) and one
+        clock behind ``LastModified`` (one server or a synchronised cluster).
+        """
+        validate_key(key)
+        try:
+            return self.get_bytes(key)
+        except ArtifactNotFound:
+            pass
+        folder = f"{key}.claims/"
+        mine = f"{folder}{secrets.token_hex(16)}"
+        self.put_bytes(mine, data)
+        time.sleep(self.CLAIM_SETTLE_S)
+
+        def claims() -> list[tuple[Any, str]]:
+            objects = self._client.list_objects(self.bucket, prefix=folder, recursive=True)
+            return sorted(
+                (o.last_modified, o.object_name)
+                for o in objects
+                if o.object_name and not o.is_dir and o.last_modified is not None
+            )
+
+        seen = self._call("list", self.bucket, folder, claims)
+        if mine not in {name for _, name in seen}:
+            raise StorageUnavailable(
+                f"storage at {self.endpoint} does not list {self.url(mine)} just after it was "
+                "written (no read-after-write consistency); retry"
+            )
+        value = self.get_bytes(seen[0][1])
+        self.put_bytes(key, value)
+        return value
 
     def url(self, key: str = "") -> str:
         validate_key(key, prefix=True)

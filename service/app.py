@@ -71,8 +71,9 @@ def create_app(
         )
     else:
         jobs = JobManager(
-            store, workers=settings.job_workers, max_queue=settings.max_queue, env=env
-        )
+            store, workers=settings.job_workers, max_queue=settings.max_queue, env=env,
+            lease_ttl=StoreSettings().job_lease_ttl,
+        )  # fmt: skip
 
     def publish_job_metrics() -> None:
         metrics.set_jobs(jobs.counts())
@@ -85,5 +86,9 @@ def create_app(
         max_batch=settings.max_batch,
         observe_inference=metrics.observe_inference,
         onnx_threads=settings.onnx_threads,
+        dataset_roots=settings.dataset_roots,
+        max_watches=settings.max_watches,
+        max_request_pixels=settings.max_request_pixels,
+        max_inflight_pixels=settings.max_inflight_pixels,
     )
     return App(Service(servicer, settings, metrics=metrics), jobs, metrics)

@@ -7,6 +7,8 @@ maps the errors to status codes:
 - :class:`InputError` (a ``ValueError``): the request content is wrong (an undecodable or
   too large image, a tensor of the wrong shape, a label outside ``[0, K)``) and the
   message says which item and what is wrong -> ``INVALID_ARGUMENT``;
+- :class:`OverBudget` (a ``RuntimeError``): the images would take more decoded pixels than
+  one request or the whole process may hold at once -> ``RESOURCE_EXHAUSTED``;
 - :class:`ModelError`: the stored model cannot be served (not an ONNX model from
   :func:`noisescore.ml.export.export_onnx`) -> ``FAILED_PRECONDITION``/``INTERNAL``.
 
@@ -23,11 +25,12 @@ reproduces LiNC's own flags as closely as a single threshold can.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -46,10 +49,16 @@ from noisescore.ml.onnx_runtime import (
 # Largest decoded image accepted, in pixels (Pillow's MAX_IMAGE_PIXELS idea, stricter):
 # the check runs on the header, before any pixel is decompressed.
 MAX_IMAGE_PIXELS = 4096 * 4096
+# Decoded pixels one Predict/ScoreLabels request may need, and all requests of the process
+# at once (see image_cost); defaults of NOISESCORE_MAX_REQUEST_PIXELS / _MAX_INFLIGHT_PIXELS.
+MAX_REQUEST_PIXELS = 16 * 1024 * 1024
+MAX_INFLIGHT_PIXELS = 64 * 1024 * 1024
 # Formats Pillow may open from a request. Others (EPS runs Ghostscript, for one) are not
 # worth the attack surface for image classification.
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP", "PPM")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# Bytes per sample of Pillow modes wider than 8 bit: such a pixel costs that many pixels.
+_WIDE_MODES = {"I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2, "I": 4, "F": 4}
 _PIL_MODE = {1: "L", 3: "RGB"}
 
 Observer = Callable[[float, int], None]
@@ -58,6 +67,10 @@ Providers = Sequence[str | tuple[str, dict[str, Any]]]
 
 class InputError(ValueError):
     """The request content is wrong; the message names the item and what is wrong."""
+
+
+class OverBudget(RuntimeError):
+    """The images need more decoded pixels than allowed (per request or in flight)."""
 
 
 class ModelError(RuntimeError):
@@ -163,6 +176,98 @@ class ModelInfo:
 # --------------------------------------------------------------------------- decoding
 
 
+def image_cost(width: int, height: int, mode: str, info: ModelInfo) -> int:
+    """Decoded pixels an encoded image costs: its own ``width * height`` (times the bytes
+    per sample of a 16- or 32-bit mode) plus the model's input ``img_size ** 2`` that it
+    is resized to. A tensor image costs the model's input alone."""
+    return width * height * _WIDE_MODES.get(mode, 1) + info.img_size**2
+
+
+class OpenedImages:
+    """Request images with their headers read and nothing decoded yet (Pillow opens
+    lazily): :attr:`pixels` is what decoding them will cost (:func:`image_cost`), known
+    before a single pixel is decompressed. :meth:`decode` makes the batch. A context
+    manager: closing releases the opened images."""
+
+    def __init__(self, info: ModelInfo) -> None:
+        self.info = info
+        self.pixels = 0
+        self._items: list[tuple[Image.Image | None, np.ndarray | None, str]] = []
+
+    def __enter__(self) -> OpenedImages:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def close(self) -> None:
+        for opened, _, _ in self._items:
+            if opened is not None:
+                opened.close()
+        self._items = []
+
+    def decode(self) -> np.ndarray:
+        """uint8 ``(N, C, H, W)``; see :func:`decode_images`."""
+        batch = np.empty((len(self._items), *self.info.shape), dtype=np.uint8)
+        for index, (opened, tensor, where) in enumerate(self._items):
+            if tensor is not None:
+                batch[index] = tensor
+            else:
+                assert opened is not None
+                batch[index] = _decode_opened(opened, self.info, where)
+        return batch
+
+
+def open_images(
+    images: Sequence[ImageInput],
+    info: ModelInfo,
+    *,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    max_total: int | None = None,
+    total_setting: str = "",
+) -> OpenedImages:
+    """Read the headers of the request's images and add up their decoded cost.
+
+    Raises :class:`InputError` as :func:`decode_images` does, for what the header or the
+    tensor already shows (size over ``max_pixels``, a 32-bit float mode, wrong tensor
+    shape, not an image), and :class:`OverBudget` as soon as the running cost passes
+    ``max_total`` (named ``total_setting`` in the message). No pixel is decoded here.
+    """
+    if len(images) == 0:
+        raise InputError("no images")
+    opened = OpenedImages(info)
+    try:
+        for index, image in enumerate(images):
+            where = f"images[{index}]"
+            if isinstance(image, TensorImage):
+                opened._items.append((None, _tensor(image, info, index), where))
+                opened.pixels += info.img_size**2
+            elif isinstance(image, EncodedImage):
+                header = _open(image.data, info, where, max_pixels)
+                opened._items.append((header, None, where))
+                width, height = header.size
+                opened.pixels += image_cost(width, height, header.mode, info)
+            else:
+                raise InputError(
+                    f"{where}: expected EncodedImage or TensorImage, got {type(image).__name__}"
+                )
+            if max_total is not None and opened.pixels > max_total:
+                hint = f" ({total_setting})" if total_setting else ""
+                raise OverBudget(
+                    f"images[0..{index}] already need {opened.pixels} decoded pixels (each "
+                    f"image's width x height, x2 for 16-bit, plus the model's "
+                    f"{info.img_size}x{info.img_size} input), more than the {max_total} one "
+                    f"request may use{hint}: send fewer or smaller images per request"
+                )
+    except BaseException:
+        opened.close()
+        raise
+    return opened
+
+
 def decode_images(
     images: Sequence[ImageInput], info: ModelInfo, *, max_pixels: int = MAX_IMAGE_PIXELS
 ) -> np.ndarray:
@@ -172,7 +277,8 @@ def decode_images(
     converted to the model's channels (``L`` for 1, ``RGB`` for 3, alpha dropped;
     16-bit greyscale scaled to 8 bit as ``round(v * 255 / 65535)``) and resized to
     ``(img_size, img_size)`` with bilinear filtering when their size differs. Tensor
-    images are taken as they are and must already have the model's shape.
+    images are taken as they are and must already have the model's shape. Every header
+    is checked (:func:`open_images`) before the first image is decoded.
 
     Parameters
     ----------
@@ -196,19 +302,39 @@ def decode_images(
         cannot be converted; a tensor whose shape or byte length is wrong. The message
         starts with ``images[i]:``.
     """
-    if len(images) == 0:
-        raise InputError("no images")
-    batch = np.empty((len(images), *info.shape), dtype=np.uint8)
-    for index, image in enumerate(images):
-        if isinstance(image, TensorImage):
-            batch[index] = _tensor(image, info, index)
-        elif isinstance(image, EncodedImage):
-            batch[index] = _decode(image.data, info, index, max_pixels)
-        else:
-            raise InputError(
-                f"images[{index}]: expected EncodedImage or TensorImage, got {type(image).__name__}"
-            )
-    return batch
+    with open_images(images, info, max_pixels=max_pixels) as opened:
+        return opened.decode()
+
+
+class PixelBudget:
+    """Decoded pixels all requests of the process may hold at once: :meth:`reserve`
+    raises :class:`OverBudget` (answered ``RESOURCE_EXHAUSTED``: retry later) instead of
+    letting concurrent requests grow the process without bound."""
+
+    def __init__(self, capacity: int, *, setting: str = "") -> None:
+        self.capacity = capacity
+        self.setting = setting
+        self.in_flight = 0
+        self.peak = 0  # the most ever held at once
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def reserve(self, pixels: int) -> Iterator[None]:
+        with self._lock:
+            if self.in_flight + pixels > self.capacity:
+                hint = f" ({self.setting})" if self.setting else ""
+                raise OverBudget(
+                    f"the server is busy: requests in progress hold {self.in_flight} decoded "
+                    f"pixels, this one needs {pixels} and the limit is {self.capacity}"
+                    f"{hint}; retry with backoff"
+                )
+            self.in_flight += pixels
+            self.peak = max(self.peak, self.in_flight)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_flight -= pixels
 
 
 def _tensor(image: TensorImage, info: ModelInfo, index: int) -> np.ndarray:
@@ -237,23 +363,15 @@ def _tensor(image: TensorImage, info: ModelInfo, index: int) -> np.ndarray:
     return np.frombuffer(image.data, dtype=np.uint8).reshape(expected)
 
 
-def _decode(data: bytes, info: ModelInfo, index: int, max_pixels: int) -> np.ndarray:
-    where = f"images[{index}]"
-    mode = _PIL_MODE.get(info.in_chans)
-    if mode is None:
+def _open(data: bytes, info: ModelInfo, where: str, max_pixels: int) -> Image.Image:
+    """The image opened lazily (header only), checked for size and mode."""
+    if _PIL_MODE.get(info.in_chans) is None:
         raise InputError(
             f"{where}: the model takes {info.in_chans} channels, which an encoded image "
             "cannot supply; send a tensor image"
         )
     try:
-        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as opened:
-            width, height = opened.size
-            if width * height > max_pixels:
-                raise InputError(_too_large(where, width, height, max_pixels))
-            opened.load()
-            pixels = _to_mode(ImageOps.exif_transpose(opened), mode, where)
-    except InputError:
-        raise
+        opened = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as err:  # Pillow's own, larger limit hit in open()
         raise InputError(f"{where}: image too large ({err})") from err
     except UnidentifiedImageError as err:
@@ -261,6 +379,29 @@ def _decode(data: bytes, info: ModelInfo, index: int, max_pixels: int) -> np.nda
             f"{where}: cannot decode {len(data)} bytes as an image "
             f"(supported: {', '.join(IMAGE_FORMATS)})"
         ) from err
+    except Exception as err:  # a corrupt header raises many kinds inside Pillow
+        raise InputError(f"{where}: cannot decode image: {err}") from err
+    width, height = opened.size
+    problem = None
+    if width * height > max_pixels:
+        problem = _too_large(where, width, height, max_pixels)
+    elif opened.mode == "F":
+        problem = f"{where}: 32-bit float images are not supported; send 8- or 16-bit pixels"
+    if problem is not None:
+        opened.close()
+        raise InputError(problem)
+    return opened
+
+
+def _decode_opened(opened: Image.Image, info: ModelInfo, where: str) -> np.ndarray:
+    mode = _PIL_MODE[info.in_chans]
+    try:
+        opened.load()
+        pixels = _to_mode(ImageOps.exif_transpose(opened), mode, where)
+    except InputError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise InputError(f"{where}: image too large ({err})") from err
     except Exception as err:  # corrupt or truncated data raises many kinds inside Pillow
         raise InputError(f"{where}: cannot decode image: {err}") from err
     side = info.img_size
@@ -280,14 +421,14 @@ def _too_large(where: str, width: int, height: int, max_pixels: int) -> str:
 def _to_mode(image: Image.Image, mode: str, where: str) -> Image.Image:
     """``image`` as ``mode`` (``L`` or ``RGB``), 16-bit greyscale scaled to 8 bit."""
     if image.mode in _SIXTEEN_BIT_MODES:
-        # Pillow's own I;16 -> L conversion clips at 255 instead of scaling.
-        wide = np.asarray(image, dtype=np.float64)
-        grey = np.rint(np.clip(wide, 0, 65535) * (255.0 / 65535.0)).astype(np.uint8)
+        # Pillow's own I;16 -> L conversion clips at 255 instead of scaling. In integers:
+        # round(v * 255 / 65535) = round(v / 257) = (v + 128) // 257 (v / 257 is never
+        # exactly half-way), at 4 bytes a pixel instead of float64's 8 and its copies.
+        wide = np.asarray(image)
+        if wide.dtype != np.uint16:  # mode I: 32-bit signed
+            wide = np.clip(wide, 0, 65535)
+        grey = ((wide.astype(np.uint32) + 128) // 257).astype(np.uint8)
         image = Image.fromarray(grey)
-    elif image.mode == "F":
-        raise InputError(
-            f"{where}: 32-bit float images are not supported; send 8- or 16-bit pixels"
-        )
     elif image.mode == "P":
         image = image.convert("RGBA")  # palette transparency resolved before dropping it
     return image if image.mode == mode else image.convert(mode)

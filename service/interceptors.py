@@ -1,25 +1,30 @@
 """Server interceptors: bearer-token auth, RPC metrics, and no stack traces to clients.
 
-:func:`noisescore.service.server.build_server` installs them outermost first::
+:func:`noisescore.service.server.build_server` installs them on the asyncio server,
+outermost first::
 
-    MetricsInterceptor -> AuthInterceptor -> ErrorInterceptor -> the servicer
+    MetricsInterceptor -> AuthInterceptor -> ErrorInterceptor -> the handler
 
 so every call is counted (auth rejections included, as ``UNAUTHENTICATED``), and an
 unexpected exception has already become ``INTERNAL`` when the metrics see it.
 
-All three work for every handler shape (unary and streaming requests and responses, and
-gRPC's non-blocking streaming handlers such as the health service's ``Watch``). A handler's
-own ``context.abort(code, message)`` or ``context.set_code(code)`` is left as it is.
+They wrap ``grpc.aio`` behaviors of every shape: coroutines (unary responses, and
+streaming handlers that ``await context.write(...)`` like the health service's ``Watch``)
+and async generators (streamed responses). The servicer's blocking methods reach them as
+such behaviors too: :mod:`noisescore.service.executor` runs those in the RPC thread pool.
+A handler's own ``context.abort(code, message)`` or ``context.set_code(code)`` is left as
+it is.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import inspect
 import logging
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, NoReturn
 
 import grpc
@@ -44,6 +49,7 @@ WRONG_TOKEN = "invalid bearer token"
 Behavior = Callable[..., Any]
 # (behavior, response_streaming) -> the behavior to install instead
 Wrapper = Callable[[Behavior, bool], Behavior]
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
 
 _KINDS = {
     (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
@@ -64,35 +70,31 @@ def _replace_behavior(handler: grpc.RpcMethodHandler, wrap: Wrapper) -> grpc.Rpc
     )
 
 
-def _non_blocking(behavior: Behavior) -> bool:
-    """gRPC calls such a streaming behavior with a ``send_response_callback`` and ends the
-    stream when it is called with None, not when the behavior returns."""
-    return bool(getattr(behavior, "experimental_non_blocking", False))
+def _check_async(behavior: Behavior) -> None:
+    if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
+        raise TypeError(
+            f"{behavior!r} is not a coroutine or async generator function: register blocking "
+            "handlers through noisescore.service.servicer.add_servicer (it runs them in the "
+            "RPC thread pool)"
+        )
 
 
-def _mark_non_blocking(wrapper: Behavior, inner: Behavior) -> Behavior:
-    wrapper.experimental_non_blocking = True  # type: ignore[attr-defined]
-    wrapper.experimental_thread_pool = getattr(inner, "experimental_thread_pool", None)  # type: ignore[attr-defined]
-    return wrapper
-
-
-def _was_aborted(error: BaseException, context: grpc.ServicerContext) -> bool:
-    """True when ``error`` is how ``context.abort()`` ends a handler: grpc sets the status
-    on the context and raises a bare ``Exception()``."""
-    code = context.code()
-    return type(error) is Exception and code is not None and code != grpc.StatusCode.OK
+def _was_aborted(error: BaseException) -> bool:
+    """True when ``error`` is how ``await context.abort()`` ends a handler."""
+    return isinstance(error, grpc.aio.AbortError)
 
 
 # --------------------------------------------------------------------------- auth
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
+class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Require ``authorization: Bearer <token>`` metadata matching one of ``tokens``.
 
     With no tokens every call passes (authentication off). Methods under
     ``exempt_prefixes`` (health checking, by default: probes carry no secrets) always pass.
     Server reflection is *not* exempt: it needs a token like the service's own methods.
     A call to a method the server does not have gets ``UNIMPLEMENTED`` either way.
+    A rejected call never reaches the RPC thread pool.
     """
 
     def __init__(
@@ -105,12 +107,10 @@ class AuthInterceptor(grpc.ServerInterceptor):
     def enabled(self) -> bool:
         return bool(self._tokens)
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         if handler is None or not self._tokens:
             return handler
         if handler_call_details.method.startswith(self._exempt):
@@ -119,8 +119,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
         if problem is None:
             return handler
 
-        def reject(request: Any, context: grpc.ServicerContext) -> None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+        async def reject(request: Any, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
 
         return _replace_behavior(handler, lambda _behavior, _streaming: reject)
 
@@ -144,7 +144,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
 # --------------------------------------------------------------------------- errors
 
 
-class ErrorInterceptor(grpc.ServerInterceptor):
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Turn an unexpected exception in a handler into ``INTERNAL`` with a generic message.
 
     The client gets ``"internal error; see the server log (request id <id>)"`` and nothing
@@ -156,92 +156,81 @@ class ErrorInterceptor(grpc.ServerInterceptor):
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self._log = logger or _LOG
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
         return _replace_behavior(handler, lambda b, streaming: self._wrap(method, b, streaming))
 
-    def _internal(self, method: str, error: Exception, context: grpc.ServicerContext) -> NoReturn:
+    async def _internal(
+        self, method: str, error: BaseException, context: grpc.aio.ServicerContext
+    ) -> NoReturn:
         request_id = uuid.uuid4().hex[:16]
         self._log.error(
             "unexpected error in %s (request id %s)", method, request_id, exc_info=error
         )
-        context.abort(
+        await context.abort(
             grpc.StatusCode.INTERNAL,
             f"internal error; see the server log (request id {request_id})",
         )
         raise AssertionError("context.abort returned")  # it raises; for type checkers
 
     def _wrap(self, method: str, behavior: Behavior, streaming: bool) -> Behavior:
-        if streaming and _non_blocking(behavior):
+        _check_async(behavior)
+        if inspect.isasyncgenfunction(behavior):
 
-            def non_blocking(request: Any, context: grpc.ServicerContext, send: Any) -> None:
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
                 try:
-                    behavior(request, context, send)
+                    async for response in behavior(request, context):
+                        yield response
                 except Exception as error:
-                    if _was_aborted(error, context):
+                    if _was_aborted(error):
                         raise
-                    self._internal(method, error, context)
+                    await self._internal(method, error, context)
 
-            return _mark_non_blocking(non_blocking, behavior)
+            return stream
 
-        def call(request: Any, context: grpc.ServicerContext) -> Any:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
-                result = behavior(request, context)
+                result = await behavior(request, context)
             except Exception as error:
-                if _was_aborted(error, context):
+                if _was_aborted(error):
                     raise
-                self._internal(method, error, context)
-            if streaming:
-                return self._guard(method, result, context)
-            if result is None and context.code() is None:  # grpc would say "Failed to serialize"
-                self._internal(method, TypeError(f"{method} returned None, not a message"), context)
+                await self._internal(method, error, context)
+            if not streaming and result is None and context.code() is None:
+                # grpc would answer "Failed to serialize response"
+                error = TypeError(f"{method} returned None, not a message")
+                await self._internal(method, error, context)
             return result
 
         return call
-
-    def _guard(self, method: str, responses: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        try:
-            yield from responses  # GeneratorExit (client gone) is not an Exception: it passes
-        except Exception as error:
-            if _was_aborted(error, context):
-                raise
-            self._internal(method, error, context)
 
 
 # --------------------------------------------------------------------------- metrics
 
 
-def _final_code(context: grpc.ServicerContext) -> grpc.StatusCode:
+def _final_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     """The status of a call whose handler finished without raising."""
     code = context.code()
-    if code is not None:
-        return code  # set_code() by the handler
-    if not context.is_active():
-        return grpc.StatusCode.CANCELLED  # the client went away (or its deadline passed)
-    return grpc.StatusCode.OK
+    return code if code is not None else grpc.StatusCode.OK  # set_code() by the handler
 
 
-class MetricsInterceptor(grpc.ServerInterceptor):
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
     """Count every call by full method name and final status code, and time it (from the
-    call's arrival; for a streamed response, until the stream ends) into ``metrics``."""
+    call's arrival; for a streamed response, until the stream ends) into ``metrics``.
+    A call whose client went away (or whose deadline passed) first counts as CANCELLED."""
 
     def __init__(self, metrics: ServiceMetrics) -> None:
         self._metrics = metrics
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         start = time.perf_counter()
-        handler = continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         if handler is None:  # grpc answers UNIMPLEMENTED
             self._metrics.observe_rpc(
                 UNKNOWN_METHOD, grpc.StatusCode.UNIMPLEMENTED.name, time.perf_counter() - start
@@ -253,71 +242,42 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             name = (code or grpc.StatusCode.UNKNOWN).name
             self._metrics.observe_rpc(method, name, time.perf_counter() - start)
 
-        return _replace_behavior(handler, lambda b, streaming: self._wrap(b, streaming, record))
+        return _replace_behavior(handler, lambda b, streaming: self._wrap(b, record))
 
-    def _wrap(
-        self, behavior: Behavior, streaming: bool, record: Callable[[grpc.StatusCode | None], None]
-    ) -> Behavior:
-        if streaming and _non_blocking(behavior):
-            return self._wrap_non_blocking(behavior, record)
+    @staticmethod
+    def _wrap(behavior: Behavior, record: Callable[[grpc.StatusCode | None], None]) -> Behavior:
+        _check_async(behavior)
+        if inspect.isasyncgenfunction(behavior):
 
-        def call(request: Any, context: grpc.ServicerContext) -> Any:
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
+                recorded = False
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                except (asyncio.CancelledError, GeneratorExit):  # the client went away
+                    recorded = True
+                    record(grpc.StatusCode.CANCELLED)
+                    raise
+                except BaseException:
+                    recorded = True
+                    record(context.code())  # set by abort (or by ErrorInterceptor: INTERNAL)
+                    raise
+                finally:
+                    if not recorded:
+                        record(_final_code(context))
+
+            return stream
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
-                result = behavior(request, context)
-            except BaseException:
-                record(context.code())  # set by abort (or by ErrorInterceptor: INTERNAL)
+                result = await behavior(request, context)
+            except asyncio.CancelledError:
+                record(grpc.StatusCode.CANCELLED)
                 raise
-            if streaming:
-                return self._watch(result, context, record)
+            except BaseException:
+                record(context.code())
+                raise
             record(_final_code(context))
             return result
 
         return call
-
-    @staticmethod
-    def _watch(
-        responses: Any,
-        context: grpc.ServicerContext,
-        record: Callable[[grpc.StatusCode | None], None],
-    ) -> Iterator[Any]:
-        try:
-            yield from responses
-        except GeneratorExit:  # grpc dropped the stream: the client went away
-            record(grpc.StatusCode.CANCELLED)
-            raise
-        except BaseException:
-            record(context.code())
-            raise
-        record(_final_code(context))
-
-    @staticmethod
-    def _wrap_non_blocking(
-        behavior: Behavior, record: Callable[[grpc.StatusCode | None], None]
-    ) -> Behavior:
-        def call(request: Any, context: grpc.ServicerContext, send: Any) -> None:
-            recorded = False
-            lock = threading.Lock()  # the end may be seen by two threads at once
-
-            def finish(code: grpc.StatusCode | None) -> None:
-                nonlocal recorded
-                with lock:
-                    first, recorded = not recorded, True
-                if first:
-                    record(code)
-
-            # Registered before the handler's own callbacks, so it runs first when the
-            # call ends without the handler having ended the stream: the client left.
-            context.add_callback(lambda: finish(grpc.StatusCode.CANCELLED))
-
-            def send_and_watch(response: Any) -> None:
-                if response is None:  # the handler ends the stream
-                    finish(context.code() or grpc.StatusCode.OK)
-                send(response)
-
-            try:
-                behavior(request, context, send_and_watch)
-            except BaseException:
-                finish(context.code())
-                raise
-
-        return _mark_non_blocking(call, behavior)

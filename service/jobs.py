@@ -6,43 +6,96 @@ configured) runs each job as ``noisescore clean --job-id <id>`` in a child proce
 same ``clean-labels`` flow as everywhere — in a bounded pool of ``job_workers``; a child
 process can be cancelled (terminated) and cannot take the server down with it.
 
-Jobs that a previous service process left QUEUED or RUNNING are marked FAILED on start,
-with the reason; a job whose manifest exists is SUCCEEDED whoever ran it (a job made by
-``noisescore clean`` on the same store is readable too).
+Whether a job that this process does not run is alive is read from its lease
+(``jobs/<id>/lease.json``, :class:`noisescore.jobs.Lease`): the service holds it for its
+queued jobs and hands it to the child, whose flow refreshes it until it ends. So
+
+- a job started outside the service (``noisescore clean --job-id X`` on the same store) is
+  RUNNING while its lease is alive and SUCCEEDED once its manifest exists;
+- on start, a job left RUNNING by a service process that died is adopted when its process
+  still runs on this host (watched, and cancellable), left alone while another host's
+  lease is fresh, and FAILED once its lease is dead;
+- a FAILED job is rerun under the same id when it is resubmitted with its idempotency key
+  (the flow reuses its stored warm-up checkpoint when the settings match).
+
+Idempotency keys are claimed in the store (:meth:`ArtifactStore.claim`), so replicas of
+the service sharing one store agree on one job per key; a key reused with a different
+spec is refused (:class:`IdempotencyConflict`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from noisescore.jobs import IncompleteJob, JobStore, list_jobs, new_job_id
+from noisescore.jobs import (
+    LEASE,
+    MANIFEST,
+    IncompleteJob,
+    JobStore,
+    Lease,
+    list_jobs,
+    new_job_id,
+    read_lease,
+    validate_job_id,
+)
 from noisescore.ml.model_names import training_runtime_available
-from noisescore.storage import ArtifactNotFound, ArtifactStore, StorageError
+from noisescore.storage import (
+    ArtifactNotFound,
+    ArtifactStore,
+    CorruptArtifact,
+    StorageError,
+    StorageUnavailable,
+)
 
 logger = logging.getLogger(__name__)
 
 RECORD = "job.json"
 LOG = "job.log"
 IDEMPOTENCY_PREFIX = "idempotency/"
+DEFAULT_LEASE_TTL_S = 60.0
+CLAIM_WAIT_S = 10.0  # how long a loser of a key waits for the winner's job record
+ADOPT_POLL_S = 1.0
+ERROR_CHARS = 500
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED",
 )  # fmt: skip
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+
+# Service secrets a job process never needs (it needs the store's credentials, which stay):
+# bearer tokens, TLS key material and the client-side equivalents. Matched case-insensitively,
+# as pydantic-settings reads them.
+CHILD_ENV_DENYLIST = frozenset(
+    {
+        "NOISESCORE_AUTH_TOKENS",
+        "NOISESCORE_TLS_CERT",
+        "NOISESCORE_TLS_KEY",
+        "NOISESCORE_TLS_CLIENT_CA",
+        "NOISESCORE_TOKEN",
+        "NOISESCORE_TLS_CA",
+        "NOISESCORE_TLS_CLIENT_CERT",
+        "NOISESCORE_TLS_CLIENT_KEY",
+    }
+)
 
 
 class JobNotFound(KeyError):
@@ -59,8 +112,20 @@ class QueueFull(RuntimeError):
     """More jobs are waiting than the service accepts (``max_queue``)."""
 
 
+class IdempotencyConflict(RuntimeError):
+    """ALREADY_EXISTS: the idempotency key names a job with a different spec."""
+
+
+class NotCancellable(RuntimeError):
+    """FAILED_PRECONDITION: the job runs in a process this service cannot signal."""
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _spec_digest(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @dataclass
@@ -77,25 +142,87 @@ class JobRecord:
     idempotency_key: str = ""
     owner: str = ""  # the service process that runs it (restart detection)
     flow_run_id: str = ""  # Prefect mode: the deployment run executing the job
+    attempt: int = 0  # reruns of a FAILED job under the same id
+    # Not stored: the record was made from the job's artifacts (no job.json: a job started
+    # outside the service), or the stored state is corrupt (GetJob answers DATA_LOSS).
+    external: bool = field(default=False, compare=False)
+    damage: str = field(default="", compare=False)
 
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL
 
     def to_bytes(self) -> bytes:
-        return json.dumps(asdict(self), indent=2).encode() + b"\n"
+        stored = asdict(self)
+        stored.pop("external")
+        stored.pop("damage")
+        return json.dumps(stored, indent=2).encode() + b"\n"
 
     @classmethod
     def from_bytes(cls, data: bytes) -> JobRecord:
-        fields = json.loads(data)
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in fields.items() if k in known})
+        """Parse a stored record; :class:`ValueError` when it is not a valid one."""
+        try:
+            stored = json.loads(data)
+        except (ValueError, RecursionError) as err:
+            raise ValueError(f"not JSON: {err}") from err
+        if not isinstance(stored, dict):
+            raise ValueError(f"expected an object, found {type(stored).__name__}")
+        known = {f.name for f in fields(cls)} - {"external", "damage"}
+        values = {k: v for k, v in stored.items() if k in known}
+        for name in ("job_id", "state", "create_time"):
+            if not isinstance(values.get(name), str):
+                raise ValueError(f"{name!r} is missing or not a string")
+        validate_job_id(values["job_id"])
+        if values["state"] not in STATES:
+            raise ValueError(f"state {values['state']!r} is not one of {', '.join(STATES)}")
+        if not isinstance(values.get("spec"), dict):
+            raise ValueError("'spec' is missing or not an object")
+        for name in ("start_time", "end_time"):
+            if values.get(name) is not None and not isinstance(values[name], str):
+                raise ValueError(f"{name!r} is not a string")
+        for name in ("error", "idempotency_key", "owner", "flow_run_id"):
+            if not isinstance(values.get(name, ""), str):
+                raise ValueError(f"{name!r} is not a string")
+        if type(values.get("attempt", 0)) is not int:
+            raise ValueError("'attempt' is not an integer")
+        return cls(**values)
 
 
 @dataclass
 class _Running:
     process: subprocess.Popen[bytes] | None = None
     cancelled: bool = False
+    lease_started: str = ""
+
+
+@dataclass
+class _Adopted:
+    lease: Lease
+    cancelled: bool = False
+
+
+_FILE_URI = re.compile(r"file://[^\s'\",;()\[\]]*")
+_ABS_PATH = re.compile(r"(?<![\w:/.~-])/[^\s'\",;()\[\]]+")
+_LISTING = re.compile(r";? *datasets available there: [^.]*\.?")
+
+
+def public_error(message: str) -> str:
+    """What a caller may read of a job's error: no server paths (``file://`` URIs and
+    absolute paths become ``<server path>``), no listing of the data dir, at most
+    :data:`ERROR_CHARS` characters. The full message stays in the server's log."""
+    text = _LISTING.sub("", message)
+    text = _FILE_URI.sub("<server path>", text)
+    text = _ABS_PATH.sub("<server path>", text)
+    if len(text) > ERROR_CHARS:
+        text = text[: ERROR_CHARS - 3] + "..."
+    return text
+
+
+def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without the service's secrets, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k.upper() not in CHILD_ENV_DENYLIST}
+    env.update(extra or {})
+    return env
 
 
 @dataclass
@@ -113,7 +240,10 @@ class JobManager:
         ``command(job_id, args) -> argv`` of the child process; default ``noisescore
         clean`` with this interpreter.
     env : dict, optional
-        Extra environment of the child processes (the store settings are inherited).
+        Extra environment of the child processes (the store settings are inherited; the
+        service's tokens and TLS settings are not, see :data:`CHILD_ENV_DENYLIST`).
+    lease_ttl : float
+        Seconds a job's lease is valid without a heartbeat (``NOISESCORE_JOB_LEASE_TTL``).
     """
 
     store: ArtifactStore
@@ -122,15 +252,25 @@ class JobManager:
     command: Callable[[str, list[str]], list[str]] | None = None
     env: dict[str, str] = field(default_factory=dict)
     on_change: Callable[[], None] | None = None
+    lease_ttl: float = DEFAULT_LEASE_TTL_S
 
     def __post_init__(self) -> None:
         self.instance = uuid.uuid4().hex
         self._lock = threading.RLock()
+        self._lease_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="job")
         self._running: dict[str, _Running] = {}
+        self._adopted: dict[str, _Adopted] = {}
         self._records: dict[str, JobRecord] = {}
         self._closed = False
+        self._stop = threading.Event()
+        # Child logs: a private folder (0700) of this process, files opened O_EXCL|O_NOFOLLOW.
+        self._log_dir = tempfile.mkdtemp(prefix="noisescore-jobs-")
         self._recover()
+        self._heartbeat = threading.Thread(
+            target=self._beat_forever, name="job-leases", daemon=True
+        )
+        self._heartbeat.start()
 
     def _check_can_run(self) -> None:
         """Jobs are child processes that train: refuse them up front without torch."""
@@ -155,58 +295,201 @@ class JobManager:
         if self.on_change is not None:
             self.on_change()
 
-    def _load(self, job_id: str) -> JobRecord | None:
-        job = self._job(job_id)
+    def _read_record(self, job: JobStore) -> tuple[JobRecord | None, str]:
+        """The stored record and, when ``job.json`` exists but is not one, why."""
         try:
-            record = JobRecord.from_bytes(job.get(RECORD, verify=False))
+            return JobRecord.from_bytes(job.get(RECORD, verify=False)), ""
         except ArtifactNotFound:
-            record = None
-        except (ValueError, TypeError) as err:
-            logger.warning("job %s: unreadable %s (%s)", job_id, RECORD, err)
-            record = None
-        complete = job.is_complete()  # one manifest read per load
+            return None, ""
+        except StorageUnavailable:
+            raise
+        except (ValueError, TypeError, CorruptArtifact) as err:
+            logger.warning("job %s: unreadable %s (%s)", job.job_id, RECORD, err)
+            return None, f"{RECORD} is corrupt"
+
+    def _load(self, job_id: str, names: set[str] | None = None) -> JobRecord | None:
+        """The job as the store tells it now; ``names`` (the job's files, from a listing)
+        saves the existence checks."""
+        job = self._job(job_id)
+        record, damage = self._read_record(job)
         if record is None:
-            if not complete and not job.exists("spec.json"):
-                return None
-            # A job made outside the service (noisescore clean, a deployment) on this store.
-            spec = self._spec_of(job)
-            record = JobRecord(
-                job_id, SUCCEEDED if complete else FAILED, spec.get("settings", {}),
-                create_time=spec.get("created") or _now(),
-            )  # fmt: skip
-            if not complete:
-                record.error = "not started by this service and not published (yet)"
+            return self._external(job, damage, names)
+        return self._settle(record, names)
+
+    def _complete(self, job: JobStore, names: set[str] | None) -> bool:
+        return MANIFEST in names if names is not None else job.is_complete()
+
+    def _external(self, job: JobStore, damage: str, names: set[str] | None) -> JobRecord | None:
+        """A job without a (readable) ``job.json``: one made outside the service
+        (``noisescore clean``, a deployment) on this store, judged by its files."""
+        has = (lambda n: n in names) if names is not None else job.exists
+        lease = read_lease(job) if names is None or LEASE in names else None
+        complete = self._complete(job, names)
+        if not (complete or damage or lease is not None or has("spec.json")):
+            return None
+        spec = self._spec_of(job)
+        created = spec.get("created") if isinstance(spec.get("created"), str) else None
+        settings: dict[str, Any] = (
+            spec["settings"] if isinstance(spec.get("settings"), dict) else {}
+        )
+        started = created or (lease.started if lease is not None else None)
+        record = JobRecord(
+            job.job_id, FAILED, settings, create_time=started or _now(), start_time=started,
+            external=True,
+        )  # fmt: skip
+        if complete:
+            record.state = SUCCEEDED
+            record.end_time = self._published_at(job)
+        elif lease is not None and lease.alive():
+            record.state = RUNNING
+        elif damage:
+            record.error = f"the job's stored state is corrupt ({damage})"
+        else:
+            record.error = "started outside this service and not published: " + self._dead_reason(
+                lease
+            )
+        record.damage = damage if record.state != SUCCEEDED else ""
+        return record
+
+    @staticmethod
+    def _dead_reason(lease: Lease | None) -> str:
+        if lease is None:
+            return "no process holds its lease"
+        return f"its process ({lease.describe()}) is gone"
+
+    def _published_at(self, job: JobStore) -> str | None:
+        """When the manifest says the job was published (None if it cannot say)."""
+        try:
+            created = job.read_manifest().get("created")
+        except (IncompleteJob, CorruptArtifact):
+            return None
+        return created if isinstance(created, str) else None
+
+    def _settle(self, record: JobRecord, names: set[str] | None = None) -> JobRecord:
+        """Bring a stored record that this process does not run up to date with the store:
+        a manifest makes it SUCCEEDED (whoever ran it), a dead lease makes a queued or
+        running job FAILED. Prefect-mode records are Prefect's to settle."""
+        with self._lock:
+            watched = record.job_id in self._running or record.job_id in self._adopted
+        if watched or record.flow_run_id:
             return record
-        if not record.terminal and complete:
-            record.state, record.end_time = SUCCEEDED, record.end_time or _now()
-        if record.state == SUCCEEDED and not complete:
-            record.state, record.error = FAILED, "job.json says SUCCEEDED but there is no manifest"
+        job = self._job(record.job_id)
+        if record.state == FAILED and self._complete(job, names):
+            return self._succeeded_elsewhere(record, job)
+        if record.terminal:
+            return record
+        lease = read_lease(job)
+        if lease is not None and lease.alive():
+            return record
+        # The owner saves the final record before it releases the lease: read again.
+        fresh, _ = self._read_record(job)
+        if fresh is not None and (fresh.terminal or fresh.attempt != record.attempt):
+            return fresh
+        if job.is_complete():
+            return self._succeeded_elsewhere(record, job)
+        was = record.state.lower()
+        record.state, record.end_time = FAILED, _now()
+        if record.idempotency_key:
+            retry = (
+                "resubmit it with the same idempotency key to rerun it under this id (the "
+                "rerun reuses the stored warm-up when the warm-up had finished)"
+            )
+        else:
+            retry = "submit it again (it had no idempotency key, so it cannot be rerun)"
+        record.error = (
+            f"the job's process or its service stopped while the job was {was} "
+            f"({self._dead_reason(lease)}); {retry}"
+        )
+        with contextlib.suppress(StorageError):
+            self._save(record)
+        return record
+
+    def _succeeded_elsewhere(self, record: JobRecord, job: JobStore) -> JobRecord:
+        record.state, record.error = SUCCEEDED, ""
+        record.end_time = self._published_at(job) or record.end_time or _now()
+        with contextlib.suppress(StorageError):
+            self._save(record)
         return record
 
     def _spec_of(self, job: JobStore) -> dict[str, Any]:
         """``spec.json`` of a job (``settings``, ``created``…), empty if unreadable."""
         try:
-            return dict(json.loads(job.get("spec.json", verify=False)))
-        except (StorageError, ValueError):
+            spec = json.loads(job.get("spec.json", verify=False))
+        except (StorageError, ValueError, RecursionError):
             return {}
+        return spec if isinstance(spec, dict) else {}
 
     def _recover(self) -> None:
-        """Fail what a previous service process left unfinished."""
+        """Settle what previous service processes left: FAILED where the job's process is
+        gone, adopted where it still runs on this host."""
         for job_id in list_jobs(self.store):
             record = self._load(job_id)
             if record is None:
                 continue
-            if not record.terminal:  # _load made a published job SUCCEEDED already
-                was = record.state.lower()
-                record.state, record.end_time = FAILED, _now()
-                record.error = (
-                    f"the service stopped while the job was {was}; resubmit it "
-                    "(a resubmission reuses the stored warm-up when the settings match)"
-                )
-                self._save(record)
-            else:
+            if not record.external or record.state == SUCCEEDED:
                 with self._lock:
                     self._records[job_id] = record
+            if record.state == RUNNING:
+                self._maybe_adopt(record)
+
+    # ------------------------------------------------------------------- adoption
+
+    def _maybe_adopt(self, record: JobRecord) -> None:
+        """Watch a job whose live process runs on this host but not under this service
+        (a previous service process died): it can then be cancelled, and ends settled."""
+        with self._lock:
+            if record.job_id in self._running or record.job_id in self._adopted:
+                return
+        lease = read_lease(self._job(record.job_id))
+        if lease is None or not lease.on_this_host or not lease.alive():
+            return
+        with self._lock:
+            self._adopted[record.job_id] = _Adopted(lease)
+        logger.info("job %s: adopted its running process (%s)", record.job_id, lease.describe())
+        threading.Thread(
+            target=self._watch_adopted, args=(record.job_id,), name=f"adopt-{record.job_id}",
+            daemon=True,
+        ).start()  # fmt: skip
+
+    def _watch_adopted(self, job_id: str) -> None:
+        while not self._stop.wait(ADOPT_POLL_S):
+            with self._lock:
+                adopted = self._adopted.get(job_id)
+            if adopted is None:
+                return
+            if adopted.lease.process_alive():
+                continue
+            try:  # still adopted while settling: readers do not judge it meanwhile
+                self._finish_adopted(job_id, adopted)
+            except StorageError as err:
+                logger.warning("job %s: could not settle the adopted job: %s", job_id, err)
+            finally:
+                with self._lock:
+                    self._adopted.pop(job_id, None)
+            return
+
+    def _finish_adopted(self, job_id: str, adopted: _Adopted) -> None:
+        job = self._job(job_id)
+        record, _ = self._read_record(job)
+        if record is None or record.terminal:
+            with self._lock:
+                self._records.pop(job_id, None)  # an external job: judged on each read
+            return
+        record.end_time = _now()
+        if job.is_complete():
+            record.state, record.error = SUCCEEDED, ""
+            record.end_time = self._published_at(job) or record.end_time
+        elif adopted.cancelled:
+            record.state, record.error = CANCELLED, "cancelled while running"
+        else:
+            record.state = FAILED
+            record.error = (
+                f"the job's process ({adopted.lease.describe()}) ended without publishing "
+                "after the service that started it stopped"
+            )
+        self._save(record)
+        with contextlib.suppress(StorageError):
+            job.store.delete(job.key(LEASE))
 
     # ------------------------------------------------------------------- API
 
@@ -218,31 +501,44 @@ class JobManager:
         """Where another system owns the job's state (Prefect mode), read it from there."""
         return record
 
-    def _get(self, job_id: str) -> JobRecord:
+    def _get(self, job_id: str, names: set[str] | None = None) -> JobRecord:
         with self._lock:
             record = self._records.get(job_id)
             ours = job_id in self._running  # this process's runner owns its state
-        if record is None or not (record.terminal or ours):
-            loaded = self._load(job_id)
-            if loaded is not None and (record is None or loaded.terminal):
+        stale = record is None or not (record.terminal or ours)
+        if record is not None and record.state == FAILED and not ours:
+            # A FAILED job becomes SUCCEEDED when its process publishes after all, or
+            # QUEUED again when a replica reruns it.
+            stale = True
+        if stale:
+            loaded = self._load(job_id, names)
+            if loaded is not None:
                 record = loaded
                 with self._lock:
-                    self._records[job_id] = record
+                    if not loaded.external or loaded.state == SUCCEEDED:
+                        self._records[job_id] = loaded
         if record is None:
             raise JobNotFound(f"job {job_id} not found")
         return record
 
     def records(self, state: str | None = None) -> list[JobRecord]:
         """All jobs, newest first (by creation time, then id)."""
-        ids = set(list_jobs(self.store))
+        names: dict[str, set[str]] = {}
+        for key in self.store.list("jobs/"):
+            parts = key.split("/", 2)
+            if len(parts) == 3:
+                names.setdefault(parts[1], set()).add(parts[2])
+        ids = set(names)  # one listing tells every job's files (no stat per job)
         with self._lock:
             ids |= set(self._records)
         records = []
         for job_id in ids:
             try:
-                records.append(self.get(job_id))
-            except JobNotFound:
+                validate_job_id(job_id)
+                record = self._get(job_id, names.get(job_id, set()))
+            except (JobNotFound, ValueError):
                 continue
+            records.append(record if record.terminal else self._refresh(record))
         if state is not None:
             records = [r for r in records if r.state == state]
         return sorted(records, key=lambda r: (r.create_time, r.job_id), reverse=True)
@@ -256,30 +552,115 @@ class JobManager:
         with self._lock:
             return sum(r.state == QUEUED for r in self._records.values())
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise QueueFull("the service is shutting down")
+        if self.queue_depth() >= self.max_queue:
+            raise QueueFull(
+                f"{self.max_queue} jobs are already queued (NOISESCORE_MAX_QUEUE); "
+                "retry later or cancel some"
+            )
+
     def submit(self, spec: dict[str, Any], *, idempotency_key: str = "") -> JobRecord:
-        """Queue a job for ``spec`` (CleanSettings fields); the same key gives the same job."""
+        """Queue a job for ``spec`` (CleanSettings fields).
+
+        The same idempotency key gives the same job, across restarts and replicas (the key
+        is claimed in the store); with a different spec it is :class:`IdempotencyConflict`;
+        when that job FAILED, it is rerun under its id.
+        """
         self._check_can_run()
-        with self._lock:
-            if self._closed:
-                raise QueueFull("the service is shutting down")
-            if idempotency_key:
-                existing = self._by_key(idempotency_key)
-                if existing is not None:
-                    return self.get(existing)
-            if self.queue_depth() >= self.max_queue:
-                raise QueueFull(
-                    f"{self.max_queue} jobs are already queued (NOISESCORE_MAX_QUEUE); "
-                    "retry later or cancel some"
+        if self._closed:
+            raise QueueFull("the service is shutting down")
+        if not idempotency_key:
+            return self._enqueue(
+                JobRecord(new_job_id(), QUEUED, spec, create_time=_now(), owner=self.instance)
+            )
+        digest = _spec_digest(spec)
+        job_id = new_job_id()
+        claim = {"job_id": job_id, "spec_sha256": digest, "claimed": _now()}
+        won = self.store.claim(self._key_name(idempotency_key), json.dumps(claim).encode())
+        winner, winner_digest = _parse_claim(won)
+        if winner == job_id:
+            return self._enqueue(
+                JobRecord(
+                    job_id,
+                    QUEUED,
+                    spec,
+                    create_time=_now(),
+                    idempotency_key=idempotency_key,
+                    owner=self.instance,
                 )
-            record = JobRecord(
-                new_job_id(), QUEUED, spec, create_time=_now(),
-                idempotency_key=idempotency_key, owner=self.instance,
+            )
+        existing = self._await_record(winner)
+        stored_digest = _spec_digest(existing.spec) if existing is not None else winner_digest
+        if existing is not None and existing.external:
+            stored_digest = winner_digest  # an external record's spec is the full settings
+        if stored_digest is not None and stored_digest != digest:
+            raise IdempotencyConflict(
+                f"idempotency key {idempotency_key[:64]!r} already names job jobs/{winner} "
+                "with a different spec; send the same spec to get that job, or use a new key "
+                "for a new job"
+            )
+        if existing is None:  # the replica that won the key died before queueing the job
+            existing = JobRecord(
+                winner, FAILED, spec, create_time=_now(), idempotency_key=idempotency_key,
+                error="the service that claimed this key stopped before queueing the job",
             )  # fmt: skip
-            self._save(record)
-            if idempotency_key:
-                key = IDEMPOTENCY_PREFIX + hashlib.sha256(idempotency_key.encode()).hexdigest()
-                self.store.put_bytes(key, record.job_id.encode(), content_type="text/plain")
+        if existing.state == FAILED:
+            return self._retry(existing)
+        return existing
+
+    def _key_name(self, key: str) -> str:
+        return IDEMPOTENCY_PREFIX + hashlib.sha256(key.encode()).hexdigest()
+
+    def _await_record(self, job_id: str) -> JobRecord | None:
+        """The job another submission of the same key created (it writes the record right
+        after winning the key)."""
+        deadline = time.monotonic() + CLAIM_WAIT_S
+        while True:
+            try:
+                return self._get(job_id)
+            except JobNotFound:
+                if time.monotonic() > deadline:
+                    return None
+            time.sleep(0.1)
+
+    def _retry(self, record: JobRecord) -> JobRecord:
+        """Rerun a FAILED job under its id; one replica wins each attempt."""
+        attempt = record.attempt + 1
+        mine = json.dumps({"instance": self.instance, "claimed": _now()}).encode()
+        job = self._job(record.job_id)
+        if self.store.claim(job.key(f"attempts/{attempt}.json"), mine) != mine:
+            time.sleep(0.2)
+            return self._await_record(record.job_id) or record
+        lease = read_lease(job)
+        if lease is not None and lease.alive():
+            return record  # its process still runs after all: nothing to rerun
+        logger.info("job %s: rerun (attempt %d) after: %s", record.job_id, attempt, record.error)
+        return self._enqueue(
+            replace(
+                record,
+                state=QUEUED,
+                attempt=attempt,
+                error="",
+                start_time=None,
+                end_time=None,
+                owner=self.instance,
+                external=False,
+                damage="",
+            )
+        )
+
+    def _enqueue(self, record: JobRecord) -> JobRecord:
+        with self._lock:
+            self._check_open()
             self._running[record.job_id] = _Running()
+            try:
+                self._write_lease(record.job_id)  # before the record: readers never see a
+                self._save(record)  # queued job without a live lease
+            except BaseException:
+                self._running.pop(record.job_id, None)
+                raise
         self._launch(record)
         return record
 
@@ -287,9 +668,8 @@ class JobManager:
         self._pool.submit(self._run, record.job_id)
 
     def _by_key(self, key: str) -> str | None:
-        name = IDEMPOTENCY_PREFIX + hashlib.sha256(key.encode()).hexdigest()
         try:
-            return self.store.get_bytes(name).decode()
+            return _parse_claim(self.store.get_bytes(self._key_name(key)))[0]
         except ArtifactNotFound:
             return None
 
@@ -304,18 +684,40 @@ class JobManager:
                 process = running.process
             else:
                 process = None
+            adopted = self._adopted.get(job_id)
+        if running is None and adopted is None:
+            if record.state == RUNNING and not record.flow_run_id:
+                self._maybe_adopt(record)  # e.g. a noisescore clean on this host
+                with self._lock:
+                    adopted = self._adopted.get(job_id)
+            if adopted is None and record.state == RUNNING:
+                lease = read_lease(self._job(job_id))
+                where = lease.describe() if lease is not None else "no lease"
+                raise NotCancellable(
+                    f"job {job_id} runs in a process this service cannot stop ({where}); "
+                    "cancel it where it runs"
+                )
+        if adopted is not None:
+            if adopted.lease.signal(signal.SIGTERM):
+                adopted.cancelled = True
+            elif adopted.lease.process_alive():
+                raise NotCancellable(
+                    f"job {job_id}: its process ({adopted.lease.describe()}) cannot be "
+                    "signalled from this service"
+                )
+            return record
         if process is not None and process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)  # the child and its own children
         if record.state == QUEUED or running is None:
-            record.state, record.end_time = CANCELLED, _now()
-            record.error = "cancelled before it started"
+            record = replace(
+                record, state=CANCELLED, end_time=_now(), error="cancelled before it started"
+            )
             self._save(record)
+            self._drop_lease(job_id)
         return self.get(job_id)
 
     def wait(self, job_id: str, timeout: float | None = None) -> JobRecord:
         """Block until the job is terminal (tests, CLI ``--wait``)."""
-        import time
-
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             record = self.get(job_id)
@@ -335,6 +737,44 @@ class JobManager:
             for job_id in ids:
                 self.cancel(job_id)
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._stop.set()
+        for job_id in list(self._running):  # queued jobs that never started
+            self._drop_lease(job_id)
+        shutil.rmtree(self._log_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------- leases
+
+    def _write_lease(self, job_id: str) -> None:
+        """The lease of a job this process holds: its child once started, else itself."""
+        with self._lock:
+            running = self._running.get(job_id)
+        if running is None:
+            return
+        process = running.process
+        pid = process.pid if process is not None and process.poll() is None else os.getpid()
+        if process is not None and process.poll() is not None:
+            return  # the child ended: _run_process releases the lease
+        lease = Lease.of_process(job_id, pid, self.lease_ttl, running.lease_started)
+        running.lease_started = lease.started
+        with self._lease_lock:
+            with self._lock:
+                if job_id not in self._running:
+                    return
+            self._job(job_id).put(LEASE, lease.to_bytes(), content_type="application/json")
+
+    def _drop_lease(self, job_id: str) -> None:
+        with self._lease_lock, contextlib.suppress(StorageError):
+            self.store.delete(self._job(job_id).key(LEASE))
+
+    def _beat_forever(self) -> None:
+        while not self._stop.wait(self.lease_ttl / 3):
+            with self._lock:
+                ids = list(self._running)
+            for job_id in ids:
+                try:
+                    self._write_lease(job_id)
+                except Exception as err:  # best effort: a lease that lapses is re-judged
+                    logger.warning("job %s: could not refresh its lease: %s", job_id, err)
 
     # ------------------------------------------------------------------- running
 
@@ -344,6 +784,8 @@ class JobManager:
             if value is None or value is False:
                 continue
             flag = "--" + name.replace("_", "-")
+            if isinstance(value, list | tuple):  # dataset_roots: --dataset-roots takes JSON
+                value = json.dumps(list(value))
             args += [flag] if value is True else [flag, str(value)]
         if self.command is not None:
             return self.command(job_id, args)
@@ -359,13 +801,19 @@ class JobManager:
                 self._running.pop(job_id, None)
             record = self._get(job_id)
             if not record.terminal:
-                record.state, record.end_time = FAILED, _now()
-                record.error = f"the service could not run the job: {err}"
+                record = replace(record, state=FAILED, end_time=_now())
+                record.error = public_error(f"the service could not run the job: {err}")
                 try:
                     self._save(record)
                 except StorageError:
                     with self._lock:  # at least this process answers correctly
                         self._records[job_id] = record
+            self._drop_lease(job_id)
+
+    def _open_log(self, job_id: str) -> tuple[str, int]:
+        path = os.path.join(self._log_dir, f"{job_id}.{uuid.uuid4().hex[:8]}.log")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        return path, os.open(path, flags, 0o600)
 
     def _run_process(self, job_id: str) -> None:
         record = self.get(job_id)
@@ -374,56 +822,88 @@ class JobManager:
             if running.cancelled or record.terminal:
                 self._running.pop(job_id, None)
                 return
-            record.state, record.start_time = RUNNING, _now()
+            record = replace(record, state=RUNNING, start_time=_now())
             self._save(record)
-            log_path = self._log_path(job_id)
-            with open(log_path, "wb") as log:
+            log_path, log = self._open_log(job_id)
+            try:
                 running.process = subprocess.Popen(
                     self._argv(job_id, record),
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
-                    env={**os.environ, **self.env},
+                    env=child_environment(self.env),
                     start_new_session=True,  # a process group: cancel reaches its children
                 )
-        code = running.process.wait()
-        with self._lock:
-            self._running.pop(job_id, None)
-        record = self.get(job_id)
-        record.end_time = _now()
-        tail = _tail(log_path)
-        if running.cancelled:
-            record.state, record.error = CANCELLED, "cancelled while running"
-        elif code == 0 and self._job(job_id).is_complete():
-            record.state, record.error = SUCCEEDED, ""
-        else:
-            record.state = FAILED
-            record.error = _error_line(tail) or f"the cleaning process exited with code {code}"
+            except BaseException:
+                os.unlink(log_path)  # the job never started: no log is left behind
+                raise
+            finally:
+                os.close(log)
         try:
-            self._job(job_id).put(LOG, tail.encode(), content_type="text/plain")
+            self._write_lease(job_id)  # now the child's: it outlives this process
         except StorageError as err:
-            logger.warning("job %s: could not store its log: %s", job_id, err)
-        self._save(record)
-        os.unlink(log_path)
-
-    def _log_path(self, job_id: str) -> str:
-        import tempfile
-
-        return os.path.join(tempfile.gettempdir(), f"noisescore-job-{job_id}.log")
+            logger.warning("job %s: could not hand its lease to the child: %s", job_id, err)
+        try:
+            code = running.process.wait()
+            # Still ours until the outcome is saved: readers keep the cached RUNNING record
+            # instead of judging the job by its (now dead) process.
+            record = replace(self._get(job_id))
+            record.end_time = _now()
+            tail = _tail(log_path)
+            if running.cancelled:
+                record.state, record.error = CANCELLED, "cancelled while running"
+            elif code == 0 and self._job(job_id).is_complete():
+                record.state, record.error = SUCCEEDED, ""
+            else:
+                record.state = FAILED
+                reason = _error_line(tail) or f"the cleaning process exited with code {code}"
+                logger.warning("job %s failed: %s", job_id, reason)  # paths stay in the log
+                record.error = public_error(reason)
+            try:
+                self._job(job_id).put(LOG, tail.encode(), content_type="text/plain")
+            except StorageError as err:
+                logger.warning("job %s: could not store its log: %s", job_id, err)
+            self._save(record)  # the outcome first, then the lease goes (see _settle)
+            with self._lock:
+                self._running.pop(job_id, None)
+            self._drop_lease(job_id)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(log_path)
 
     # ------------------------------------------------------------------- results
 
     def report(self, job_id: str) -> dict[str, Any]:
-        return dict(json.loads(self._job(job_id).get("report.json")))
+        report = json.loads(self._job(job_id).get("report.json"))
+        if not isinstance(report, dict):
+            raise CorruptArtifact(f"job {job_id}: report.json is not a JSON object")
+        return report
 
     def manifest(self, job_id: str) -> dict[str, Any]:
         return self._job(job_id).read_manifest()
 
     def progress(self, job_id: str) -> dict[str, Any]:
         try:
-            return dict(json.loads(self._job(job_id).get("progress.json", verify=False)))
-        except (ArtifactNotFound, IncompleteJob, ValueError):
+            progress = json.loads(self._job(job_id).get("progress.json", verify=False))
+        except (ArtifactNotFound, IncompleteJob, CorruptArtifact, ValueError, RecursionError):
             return {}
+        return progress if isinstance(progress, dict) else {}
+
+
+def _parse_claim(data: bytes) -> tuple[str, str | None]:
+    """(job id, spec digest) of an idempotency claim; older services stored the bare id."""
+    try:
+        claim = json.loads(data)
+    except (ValueError, RecursionError):
+        claim = None
+    if isinstance(claim, dict) and isinstance(claim.get("job_id"), str):
+        digest = claim.get("spec_sha256")
+        return claim["job_id"], digest if isinstance(digest, str) else None
+    text = data.decode(errors="replace").strip()
+    try:
+        return validate_job_id(text), None
+    except ValueError as err:
+        raise CorruptArtifact(f"idempotency claim {text[:80]!r} names no job") from err
 
 
 def _tail(path: str, limit: int = 64 * 1024) -> str:
@@ -468,6 +948,18 @@ class PrefectJobManager(JobManager):
 
     def _check_can_run(self) -> None:
         """Prefect workers train, not this process."""
+
+    def _settle(self, record: JobRecord, names: set[str] | None = None) -> JobRecord:
+        """A stored record here is a Prefect run's: :meth:`_refresh` reads its state."""
+        return record
+
+    def _enqueue(self, record: JobRecord) -> JobRecord:
+        """No lease from this process: the flow on the worker takes it when it runs."""
+        with self._lock:
+            self._check_open()
+        self._save(record)
+        self._launch(record)
+        return record
 
     def _recover(self) -> None:
         for job_id in list_jobs(self.store):
@@ -540,3 +1032,5 @@ class PrefectJobManager(JobManager):
     def shutdown(self, *, cancel: bool = True) -> None:
         with self._lock:
             self._closed = True  # runs belong to Prefect: they go on without this service
+        self._stop.set()
+        shutil.rmtree(self._log_dir, ignore_errors=True)

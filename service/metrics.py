@@ -13,6 +13,11 @@ services (or two tests) in one process do not share or collide on series.
 | `noisescore_job_queue_depth` | gauge | jobs waiting for a worker |
 | `noisescore_onnx_inference_seconds` | histogram | one ONNX Runtime call (Predict/ScoreLabels) |
 | `noisescore_onnx_batch_size` | histogram | images in one ONNX Runtime call (1..4096) |
+| `noisescore_rpc_calls_in_progress` | gauge | blocking calls in the RPC pool (running + waiting) |
+| `noisescore_rpc_calls_waiting` | gauge | of those, calls waiting for a thread |
+| `noisescore_rpc_saturated` | gauge | 1 while readiness is NOT_SERVING for saturation |
+| `noisescore_watches_open` | gauge | open WatchJob streams |
+| `noisescore_inflight_pixels` | gauge | decoded pixels Predict/ScoreLabels requests hold now |
 
 ``method`` is the full gRPC method name (``/noisescore.v1.NoiseScoring/GetJob``); ``code``
 the final status code's name (``OK``, ``NOT_FOUND``, ``UNAUTHENTICATED``, ``INTERNAL``, ...;
@@ -22,15 +27,19 @@ span 0.5 ms to 30 s.
 
 Calls to a method the server does not have are counted as ``method="unknown"``,
 ``code="UNIMPLEMENTED"`` (a client cannot create series by inventing method names). Calls
-gRPC itself turns away before any handler is chosen or runs (a request over
-``max_message_bytes``, more than the concurrent-RPC limit) are not counted here.
+refused for a budget (the RPC pool's admission limit, open watches, decoded pixels) are
+counted with ``RESOURCE_EXHAUSTED``; a request over ``max_message_bytes``, which gRPC
+itself turns away before any handler runs, is not counted here.
+
+The endpoint is plain HTTP and not behind the service's auth (as Prometheus scrapes
+usually are): it holds counts and timings, no job data. It binds its own address.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -106,6 +115,16 @@ class ServiceMetrics:
             buckets=BATCH_SIZE_BUCKETS,
             registry=self.registry,
         )
+        self.budgets = {
+            name: Gauge(f"noisescore_{name}", help_text, registry=self.registry)
+            for name, help_text in (
+                ("rpc_calls_in_progress", "Blocking calls admitted to the RPC pool."),
+                ("rpc_calls_waiting", "Admitted calls waiting for an RPC thread."),
+                ("rpc_saturated", "1 while readiness is NOT_SERVING for saturation."),
+                ("watches_open", "Open WatchJob streams."),
+                ("inflight_pixels", "Decoded pixels image requests hold now."),
+            )
+        }
         self._lock = threading.Lock()
         self._job_states: set[str] = set(JOB_STATES)
         for state in JOB_STATES:  # present (at 0) from the first scrape
@@ -138,6 +157,12 @@ class ServiceMetrics:
         """One ONNX Runtime call over ``batch_size`` images that took ``seconds``."""
         self.onnx_inference.observe(max(seconds, 0.0))
         self.onnx_batch_size.observe(batch_size)
+
+    def track_budgets(self, **readers: Callable[[], float]) -> None:
+        """Read the budget gauges (``rpc_calls_in_progress=...``, see ``budgets``) from
+        these functions at every scrape; a later call replaces them."""
+        for name, read in readers.items():
+            self.budgets[name].set_function(read)
 
     def exposition(self) -> bytes:
         """The metrics in the Prometheus text format (what ``/metrics`` serves)."""

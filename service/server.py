@@ -6,37 +6,51 @@ limits, the metrics endpoint and graceful shutdown. No RPC logic lives here.
     service = Service(NoiseScoringServicer(...), ServiceSettings()).start()
     serve_forever(service)   # until SIGTERM/SIGINT; then drains in-flight RPCs
 
+The server is ``grpc.aio`` on an event loop in its own thread (``noisescore-aio``). Streams
+that mostly wait (``WatchJob``, health ``Watch``) are coroutines there and hold no thread;
+the servicer's blocking methods run in a pool of ``rpc_threads`` threads
+(:mod:`noisescore.service.executor`).
+
 What a client sees:
 
 - ``noisescore.v1.NoiseScoring`` on ``grpc_addr`` (TLS when ``tls_cert``/``tls_key`` are
   set, client certificates required when ``tls_client_ca`` is set too);
-- ``grpc.health.v1.Health`` with ``""`` and ``"noisescore.v1.NoiseScoring"`` SERVING
-  until shutdown begins, NOT_SERVING from then on; never behind auth; also alone on the
-  plaintext ``health_addr`` when that is set (for Kubernetes ``grpc:`` probes, which
-  cannot use TLS);
+- ``grpc.health.v1.Health``, never behind auth; also alone on the plaintext
+  ``health_addr`` when that is set (for Kubernetes ``grpc:`` probes, which cannot use
+  TLS). Service ``""`` is *liveness*: SERVING while the process and its event loop answer.
+  Service ``"noisescore.v1.NoiseScoring"`` is *readiness*: NOT_SERVING while the API is
+  saturated (a call admitted to the RPC pool has waited more than
+  ``saturation_grace`` seconds for a thread), SERVING again once it drains. Both are
+  NOT_SERVING from the start of a shutdown;
 - server reflection (``grpc.reflection.v1alpha.ServerReflection``), so ``grpcurl`` works
   without our protos; it needs the bearer token when auth is on;
 - ``UNAUTHENTICATED`` without a valid ``authorization: Bearer <token>`` when
-  ``auth_tokens`` is set; ``RESOURCE_EXHAUSTED`` for a message over ``max_message_bytes``
-  or when more than ``4 * rpc_threads`` calls are in progress; ``INTERNAL`` with a request
-  id (and the traceback in the server log) for an unexpected exception in a handler.
+  ``auth_tokens`` is set; ``RESOURCE_EXHAUSTED`` for a message over ``max_message_bytes``,
+  when more than ``4 * rpc_threads`` blocking calls are in progress, or past
+  ``max_watches`` open ``WatchJob`` streams; ``INTERNAL`` with a request id (and the
+  traceback in the server log) for an unexpected exception in a handler.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ipaddress
 import logging
 import signal
 import ssl
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Coroutine
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from noisescore.service.executor import RpcExecutor
 from noisescore.service.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
 from noisescore.service.metrics import ServiceMetrics, parse_addr
 from noisescore.service.servicer import add_servicer
@@ -48,6 +62,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SERVICE_NAME",
+    "EventLoopThread",
     "Service",
     "build_health_server",
     "build_server",
@@ -60,9 +75,44 @@ _LOG = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name[
     "NoiseScoring"
 ].full_name  # noisescore.v1.NoiseScoring
-# Calls admitted at once (running + waiting for a thread); beyond that RESOURCE_EXHAUSTED
-# right away, so an overloaded server sheds load instead of queueing without bound.
+# Blocking calls admitted at once (running + waiting for a thread); beyond that
+# RESOURCE_EXHAUSTED right away, so an overloaded server sheds load instead of queueing
+# without bound.
 CALLS_PER_THREAD = 4
+SATURATION_CHECK_S = 0.25
+T = TypeVar("T")
+HealthServicer = health_aio.HealthServicer
+
+
+class EventLoopThread:
+    """An asyncio event loop running in a daemon thread; :meth:`call` runs a coroutine
+    there from any other thread and returns its result."""
+
+    def __init__(self, name: str = "noisescore-aio") -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def call(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self) -> None:
+        """Cancel what still runs on the loop, stop it and join its thread. Idempotent."""
+        if self.loop.is_closed():
+            return
+
+        async def cancel_rest() -> None:
+            current = asyncio.current_task()
+            rest = [t for t in asyncio.all_tasks() if t is not current]
+            for task in rest:
+                task.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+
+        if self.loop.is_running():
+            self.call(cancel_rest(), timeout=10)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+        self.loop.close()
 
 
 # --------------------------------------------------------------------------- TLS
@@ -113,6 +163,42 @@ def server_credentials(settings: ServiceSettings) -> grpc.ServerCredentials | No
     )
 
 
+# --------------------------------------------------------------------------- exposure
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (of a bind address) is reachable from this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # "" or a wildcard gRPC reads as every interface, or a host name
+        return False
+
+
+def check_exposure(settings: ServiceSettings) -> None:
+    """Refuse to serve a non-loopback ``grpc_addr`` without authentication.
+
+    Authentication (bearer tokens, client certificates) stays optional on a loopback
+    address; anywhere else it is required unless ``settings.insecure`` says the operator
+    means it (``noisescore serve --insecure``, ``NOISESCORE_INSECURE=true``).
+
+    Raises
+    ------
+    ValueError
+        One line naming the address and the settings that fix it.
+    """
+    host, _ = parse_addr(settings.grpc_addr, default_host="")
+    if settings.insecure or settings.authenticated() or is_loopback_host(host):
+        return
+    raise ValueError(
+        f"refusing to serve {settings.grpc_addr!r} without authentication: anyone who reaches "
+        "a non-loopback address could submit jobs and read results. Set NOISESCORE_AUTH_TOKENS "
+        "(bearer tokens) or NOISESCORE_TLS_CLIENT_CA (mTLS), bind 127.0.0.1, or pass --insecure "
+        "(NOISESCORE_INSECURE=true) if the network in front of it does the access control"
+    )
+
+
 # --------------------------------------------------------------------------- server
 
 
@@ -121,22 +207,45 @@ def build_server(
     settings: ServiceSettings,
     *,
     metrics: ServiceMetrics,
-) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """A bound, not yet started server: the servicer behind the interceptors, health
-    checking (SERVING), reflection, message limits. Returns ``(server, port, health)``;
-    ``port`` is the bound port (the one picked when ``grpc_addr`` ends in ``:0``).
+    executor: RpcExecutor | None = None,
+    loop: EventLoopThread | None = None,
+) -> tuple[grpc.aio.Server, int, HealthServicer]:
+    """A bound, not yet started asyncio server on ``loop`` (a new one when None): the
+    servicer behind the interceptors, its blocking methods in ``executor`` (a new pool of
+    ``rpc_threads`` when None), health checking (SERVING), reflection, message limits.
+    Returns ``(server, port, health)``; ``port`` is the bound port (the one picked when
+    ``grpc_addr`` ends in ``:0``).
 
-    Raises ``ValueError`` when TLS files are unusable or ``grpc_addr`` cannot be bound.
+    Raises ``ValueError`` when TLS files are unusable, ``grpc_addr`` cannot be bound, or
+    is not loopback while nothing authenticates callers (:func:`check_exposure`).
     """
+    check_exposure(settings)
     credentials = server_credentials(settings)  # before any port is taken
     parse_addr(settings.grpc_addr)  # a clear error for a malformed address
-    interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(metrics)]
+    owner = loop or EventLoopThread()
+    if executor is None:
+        executor = RpcExecutor(settings.rpc_threads, settings.rpc_threads * CALLS_PER_THREAD)
+    try:
+        return owner.call(_build_server(servicer, settings, metrics, executor, credentials))
+    except Exception:
+        if loop is None:
+            owner.close()
+        raise
+
+
+async def _build_server(
+    servicer: pb_grpc.NoiseScoringServicer,
+    settings: ServiceSettings,
+    metrics: ServiceMetrics,
+    executor: RpcExecutor,
+    credentials: grpc.ServerCredentials | None,
+) -> tuple[grpc.aio.Server, int, HealthServicer]:
+    interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics)]
     tokens = settings.tokens()
     if tokens:
         interceptors.append(AuthInterceptor(tokens))
     interceptors.append(ErrorInterceptor())
-    server = grpc.server(
-        ThreadPoolExecutor(max_workers=settings.rpc_threads, thread_name_prefix="noisescore-rpc"),
+    server = grpc.aio.server(
         interceptors=interceptors,
         options=[
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -144,78 +253,84 @@ def build_server(
             # Without this a second server could bind the same port and steal calls.
             ("grpc.so_reuseport", 0),
         ],
-        maximum_concurrent_rpcs=settings.rpc_threads * CALLS_PER_THREAD,
     )
     # Registered like the generated add_NoiseScoringServicer_to_server, except that a
-    # request that does not parse is INVALID_ARGUMENT (with why), not gRPC's INTERNAL.
-    add_servicer(servicer, server)
+    # request that does not parse is INVALID_ARGUMENT (with why), not gRPC's INTERNAL, and
+    # blocking methods run in the executor's pool behind its admission limit.
+    add_servicer(servicer, server, executor)
 
-    health_servicer = health.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
+        server,
+    )  # fmt: skip
 
-    port = _bind(server, settings.grpc_addr, credentials, what="gRPC", setting="GRPC_ADDR")
+    port = _bind(server, settings.grpc_addr, credentials)
+    if not port:
+        await server.stop(None)
+        raise _bind_error("gRPC", settings.grpc_addr, "GRPC_ADDR")
     return server, port, health_servicer
 
 
-def _bind(
-    server: grpc.Server,
-    addr: str,
-    credentials: grpc.ServerCredentials | None,
-    *,
-    what: str,
-    setting: str,
-) -> int:
-    """Bind ``server`` to ``addr`` (TLS when ``credentials``); the bound port. On failure
-    the server is stopped and ``ValueError`` names the address and the setting to change."""
-    port = 0
+def _bind(server: grpc.aio.Server, addr: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Bind ``server`` to ``addr`` (TLS when ``credentials``); the bound port, 0 on failure."""
     try:
         if credentials is None:
-            port = server.add_insecure_port(addr)
-        else:
-            port = server.add_secure_port(addr, credentials)
+            return int(server.add_insecure_port(addr))
+        return int(server.add_secure_port(addr, credentials))
     except RuntimeError as error:
         _LOG.debug("binding %s failed: %s", addr, error)
-    if not port:
-        server.stop(None)
-        raise ValueError(
-            f"cannot bind the {what} server to {addr!r}: the port is in use or the host is "
-            f"not an address of this machine (set NOISESCORE_{setting} to a free host:port; "
-            "port 0 picks one)"
-        )
-    return port
+        return 0
+
+
+def _bind_error(what: str, addr: str, setting: str) -> ValueError:
+    return ValueError(
+        f"cannot bind the {what} server to {addr!r}: the port is in use or the host is "
+        f"not an address of this machine (set NOISESCORE_{setting} to a free host:port; "
+        "port 0 picks one)"
+    )
 
 
 def build_health_server(
-    health_servicer: health.HealthServicer, addr: str
-) -> tuple[grpc.Server, int]:
-    """A bound, not yet started plaintext server with only ``grpc.health.v1.Health``.
+    health_servicer: HealthServicer, addr: str, *, loop: EventLoopThread
+) -> tuple[grpc.aio.Server, int]:
+    """A bound, not yet started plaintext server with only ``grpc.health.v1.Health``, on
+    ``loop`` (the main server's: the health servicer lives there).
 
     It shares ``health_servicer`` with the main server, so both report the same status
-    (NOT_SERVING from the start of a shutdown). It exists because Kubernetes' native
-    ``grpc:`` probes and most load balancers' health checks cannot speak TLS or send a
-    bearer token: the main port may need both, this one carries no data.
+    (readiness NOT_SERVING while saturated, all NOT_SERVING from the start of a shutdown).
+    It exists because Kubernetes' native ``grpc:`` probes and most load balancers' health
+    checks cannot speak TLS or send a bearer token: the main port may need both, this one
+    carries no data.
     """
     parse_addr(addr)
-    server = grpc.server(
-        ThreadPoolExecutor(max_workers=2, thread_name_prefix="noisescore-health"),
-        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4096)],
-        maximum_concurrent_rpcs=16,
-    )
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    return server, _bind(server, addr, None, what="health", setting="HEALTH_ADDR")
+
+    async def build() -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server(
+            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4096)],
+            maximum_concurrent_rpcs=64,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        port = _bind(server, addr, None)
+        if not port:
+            await server.stop(None)
+            raise _bind_error("health", addr, "HEALTH_ADDR")
+        return server, port
+
+    return loop.call(build())
 
 
 class Service:
     """The running service: the gRPC server plus the ``/metrics`` HTTP endpoint.
 
-    ``start()`` binds and starts both; ``stop()`` turns health NOT_SERVING, stops taking
-    calls, lets in-flight calls finish for ``grace`` seconds, then closes the metrics
-    endpoint. ``port`` and ``metrics_port`` are the bound ports once started.
+    ``start()`` binds and starts both; ``stop()`` turns health NOT_SERVING, ends open
+    ``WatchJob`` streams (UNAVAILABLE: watch again), stops taking calls, lets in-flight
+    calls finish for ``grace`` seconds, then closes the metrics endpoint. ``port`` and
+    ``metrics_port`` are the bound ports once started.
     """
 
     def __init__(
@@ -231,9 +346,22 @@ class Service:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.health_port: int | None = None
-        self.health: health.HealthServicer | None = None
-        self._server: grpc.Server | None = None
-        self._health_server: grpc.Server | None = None
+        self.health: HealthServicer | None = None
+        self.executor = RpcExecutor(settings.rpc_threads, settings.rpc_threads * CALLS_PER_THREAD)
+        self.saturated = False
+        watches = getattr(servicer, "watches", None)
+        pixels = getattr(servicer, "pixels", None)
+        self.metrics.track_budgets(
+            rpc_calls_in_progress=lambda: self.executor.in_progress,
+            rpc_calls_waiting=lambda: self.executor.waiting,
+            rpc_saturated=lambda: float(self.saturated),
+            watches_open=lambda: watches.open if watches is not None else 0,
+            inflight_pixels=lambda: pixels.in_flight if pixels is not None else 0,
+        )
+        self._loop: EventLoopThread | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self._monitor: asyncio.Future[None] | None = None
         self._lock = threading.Lock()
         self._stopping = False
         self._stopped = threading.Event()
@@ -258,27 +386,37 @@ class Service:
         with self._lock:
             if self._server is not None or self._stopped.is_set():
                 raise RuntimeError("a Service starts once; create a new one to serve again")
-            server, port, health_servicer = build_server(
-                self.servicer, self.settings, metrics=self.metrics
-            )
-            health_server: grpc.Server | None = None
+            loop = EventLoopThread()
             try:
-                if self.settings.health_addr:
-                    health_server, self.health_port = build_health_server(
-                        health_servicer, self.settings.health_addr
-                    )
-                if self.settings.metrics_addr:
-                    _, self.metrics_port = self.metrics.start_http(self.settings.metrics_addr)
-            except Exception:
-                server.stop(None)
+                server, port, health_servicer = build_server(
+                    self.servicer,
+                    self.settings,
+                    metrics=self.metrics,
+                    executor=self.executor,
+                    loop=loop,
+                )
+                health_server: grpc.aio.Server | None = None
+                try:
+                    if self.settings.health_addr:
+                        health_server, self.health_port = build_health_server(
+                            health_servicer, self.settings.health_addr, loop=loop
+                        )
+                    if self.settings.metrics_addr:
+                        _, self.metrics_port = self.metrics.start_http(self.settings.metrics_addr)
+                except Exception:
+                    loop.call(server.stop(None))
+                    if health_server is not None:
+                        loop.call(health_server.stop(None))
+                    raise
+                loop.call(server.start())
                 if health_server is not None:
-                    health_server.stop(None)
+                    loop.call(health_server.start())
+            except Exception:
+                loop.close()
                 raise
-            server.start()
-            if health_server is not None:
-                health_server.start()
-            self._server, self.port, self.health = server, port, health_servicer
+            self._loop, self._server, self.port, self.health = loop, server, port, health_servicer
             self._health_server = health_server
+            self._monitor = asyncio.run_coroutine_threadsafe(self._watch_saturation(), loop.loop)
         s = self.settings
         _LOG.info(
             "serving %s on %s (port %d; %s, auth %s)%s",
@@ -292,6 +430,42 @@ class Service:
         )
         return self
 
+    async def _watch_saturation(self) -> None:
+        """Readiness: NOT_SERVING while a call waits longer than ``saturation_grace`` for
+        an RPC thread; liveness (service ``""``) is left SERVING."""
+        grace = self.settings.saturation_grace
+        while True:
+            await asyncio.sleep(SATURATION_CHECK_S)
+            waited = self.executor.oldest_wait()
+            saturated = waited > grace
+            if saturated == self.saturated or self.health is None:
+                continue
+            self.saturated = saturated
+            if saturated:
+                _LOG.warning(
+                    "API saturated: a call has waited %.1f s for one of %d RPC threads "
+                    "(%d calls in progress); readiness NOT_SERVING until it drains",
+                    waited,
+                    self.executor.threads,
+                    self.executor.in_progress,
+                )
+            else:
+                _LOG.info("API drained; readiness SERVING again")
+            status = health_pb2.HealthCheckResponse
+            await self.health.set(SERVICE_NAME, status.NOT_SERVING if saturated else status.SERVING)
+
+    async def _shutdown(self, grace: float, first: bool) -> None:
+        assert self._server is not None
+        if first:
+            if self._monitor is not None:
+                self._monitor.cancel()
+            if self.health is not None:
+                await self.health.enter_graceful_shutdown()  # all services NOT_SERVING
+            close_watches = getattr(self.servicer, "close_watches", None)
+            if close_watches is not None:
+                await close_watches()
+        await self._server.stop(grace)
+
     def stop(self, grace: float | None = None) -> None:
         """Stop serving: health NOT_SERVING first, then refuse new calls and wait up to
         ``grace`` seconds (default ``settings.shutdown_grace``; 0 = cancel at once) for
@@ -299,23 +473,35 @@ class Service:
         second call with a smaller grace shortens the wait of the first."""
         grace = self.settings.shutdown_grace if grace is None else max(0.0, float(grace))
         with self._lock:
-            server = self._server
-            if server is None:  # never started: nothing to drain
+            loop = self._loop
+            if self._stopped.is_set():
+                return
+            if loop is None:  # never started: nothing to drain
                 self._stopped.set()
                 return
             first = not self._stopping
             self._stopping = True
             if first:
                 _LOG.info("shutting down: draining in-flight RPCs for up to %.1f s", grace)
-                if self.health is not None:
-                    self.health.enter_graceful_shutdown()  # all services NOT_SERVING
-            drained = server.stop(grace)
-        drained.wait()
+            shutdown = self._shutdown(grace, first)
+            try:
+                drained = asyncio.run_coroutine_threadsafe(shutdown, loop.loop)
+            except RuntimeError:  # the first stop() has just closed the loop
+                shutdown.close()
+                drained = None
         if not first:
+            # The first stop() finishes the job (and may cancel this wait as it closes).
+            with contextlib.suppress(Exception):
+                if drained is not None:
+                    drained.result()
             self._stopped.wait()
             return
+        assert drained is not None
+        drained.result()
         if self._health_server is not None:  # last: probes see NOT_SERVING while draining
-            self._health_server.stop(None).wait()
+            loop.call(self._health_server.stop(None))
+        self.executor.shutdown()
+        loop.close()
         self.metrics.stop_http()
         self._stopped.set()
         _LOG.info("stopped")

@@ -8,14 +8,16 @@ INTERNAL in the error interceptor, without a stack trace.
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import functools
+import inspect
 import io
 import json
+import logging
 import threading
-import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -24,44 +26,73 @@ import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import ValidationError
 
+from noisescore.datasets import canonical_dataset_uri
 from noisescore.jobs import IncompleteJob, JobStore, validate_job_id
 from noisescore.ml.noise import NoiseSpecError
+from noisescore.service.executor import RpcExecutor, blocking_stream, blocking_unary
 from noisescore.service.inference import (
+    MAX_INFLIGHT_PIXELS,
+    MAX_REQUEST_PIXELS,
     EncodedImage,
     ImageInput,
     InputError,
     ModelCache,
     ModelError,
     OnnxModel,
+    OverBudget,
+    PixelBudget,
     TensorImage,
-    decode_images,
+    open_images,
     score_labels,
 )
 from noisescore.service.jobs import (
     RUNNING,
     STATES,
     SUCCEEDED,
+    IdempotencyConflict,
     JobManager,
     JobNotFound,
     JobRecord,
+    NotCancellable,
     NoTrainingRuntime,
     OrchestratorUnavailable,
     QueueFull,
+    public_error,
 )
+from noisescore.service.watches import TooManyWatches, WatchesClosed, WatchHub
 from noisescore.settings import CleanSettings
-from noisescore.storage import ChecksumMismatch, StorageError, StorageUnavailable
+from noisescore.storage import CorruptArtifact, StorageError, StorageUnavailable
+from noisescore.uris import DataError, DatasetAccessDenied, DatasetPolicy
 from noisescore.v1 import noise_scoring_pb2 as pb
 from noisescore.v1 import noise_scoring_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 DEFAULT_CORRECTIONS_PAGE = 1000
 MAX_CORRECTIONS_PAGE = 100_000
 DEFAULT_CHUNK = 20_000
+MAX_PAGE_TOKEN = 1024  # characters; the tokens this server issues are under 100
 MAX_IDEMPOTENCY_KEY = 128
 WATCH_POLL_S = 0.5
+DEFAULT_MAX_WATCHES = 1000
+# Longest accepted value of each string field of a request, in characters (any other
+# string field: MAX_STRING_CHARS). Checked for every request before its handler runs, so
+# nothing longer is stored, listed back or echoed.
+MAX_STRING_CHARS = 1024
+STRING_CAPS = {
+    "dataset_uri": 1024,
+    "model": 128,
+    "idempotency_key": MAX_IDEMPOTENCY_KEY,
+    "device": 16,
+    "kind": 32,
+    "page_token": 1024,
+    "sample_id": 512,
+}
+# At most this much of a caller's own input is echoed in an error message.
+ECHO_CHARS = 200
 NOISE_KINDS = ("symmetric", "uniform", "pairflip", "instance")
 
 
@@ -80,15 +111,26 @@ class TooLarge(RuntimeError):
 def _status_of(err: Exception) -> tuple[grpc.StatusCode, str] | None:
     """The canonical code for a domain error; None = unexpected (INTERNAL)."""
     codes: list[tuple[type[Exception] | tuple[type[Exception], ...], grpc.StatusCode]] = [
+        (DatasetAccessDenied, grpc.StatusCode.PERMISSION_DENIED),
         (JobNotFound, grpc.StatusCode.NOT_FOUND),
         ((RequestError, InputError, NoiseSpecError), grpc.StatusCode.INVALID_ARGUMENT),
         (
             (NotReady, IncompleteJob, ModelError, NoTrainingRuntime),
             grpc.StatusCode.FAILED_PRECONDITION,
         ),
-        ((QueueFull, TooLarge), grpc.StatusCode.RESOURCE_EXHAUSTED),
-        ((StorageUnavailable, OrchestratorUnavailable), grpc.StatusCode.UNAVAILABLE),
-        (ChecksumMismatch, grpc.StatusCode.DATA_LOSS),
+        (
+            (QueueFull, TooLarge, TooManyWatches, OverBudget),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ),
+        (
+            (StorageUnavailable, OrchestratorUnavailable, WatchesClosed),
+            grpc.StatusCode.UNAVAILABLE,
+        ),
+        (IdempotencyConflict, grpc.StatusCode.ALREADY_EXISTS),
+        (NotCancellable, grpc.StatusCode.FAILED_PRECONDITION),
+        # Stored data that contradicts itself (checksum, manifest, a listed file missing):
+        # no retry repairs it. Only an unreachable store is UNAVAILABLE.
+        (CorruptArtifact, grpc.StatusCode.DATA_LOSS),
         (StorageError, grpc.StatusCode.UNAVAILABLE),
     ]
     for kinds, code in codes:
@@ -127,6 +169,74 @@ def streaming(method: Callable[..., Iterator[T]]) -> Callable[..., Iterator[T]]:
     return wrapper
 
 
+# ----------------------------------------------------------------------------- boundary
+
+
+def echo(value: str, limit: int = ECHO_CHARS) -> str:
+    """``value`` quoted for an error message, cut to ``limit`` characters: a caller's own
+    input is echoed so they can find the mistake, never at its full (unbounded) length."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
+def clip_echoes(message: str, inputs: Iterator[str] | list[str]) -> str:
+    """``message`` with every long caller input in it replaced by its :func:`echo`."""
+    for value in inputs:
+        if len(value) > ECHO_CHARS:
+            message = message.replace(repr(value), echo(value)).replace(value, echo(value))
+    return message
+
+
+def _string_fields(descriptor: Any) -> tuple[list[Any], list[Any]]:
+    """(string fields, message fields that may hold strings) of a message type; cached."""
+    cached = _STRING_FIELDS.get(descriptor.full_name)
+    if cached is None:
+        strings = [f for f in descriptor.fields if f.type == f.TYPE_STRING]
+        _STRING_FIELDS[descriptor.full_name] = ([], [])  # a recursive type ends here
+        nested = [
+            f
+            for f in descriptor.fields
+            if f.message_type is not None and any(_string_fields(f.message_type))
+        ]
+        cached = _STRING_FIELDS[descriptor.full_name] = (strings, nested)
+    return cached
+
+
+_STRING_FIELDS: dict[str, tuple[list[Any], list[Any]]] = {}
+
+
+def check_string_lengths(message: Any, path: str = "") -> None:
+    """INVALID_ARGUMENT when a string field anywhere in ``message`` is longer than its cap
+    (:data:`STRING_CAPS`, else :data:`MAX_STRING_CHARS`). The message names the field, the
+    cap and the length, and echoes none of the value."""
+    strings, nested = _string_fields(message.DESCRIPTOR)
+    for field in strings:
+        cap = STRING_CAPS.get(field.name, MAX_STRING_CHARS)
+        values = getattr(message, field.name)
+        for i, value in enumerate(values if field.is_repeated else (values,)):
+            if len(value) > cap:
+                where = f"{path}{field.name}" + (f"[{i}]" if field.is_repeated else "")
+                raise RequestError(f"{where} is {len(value)} characters long; the limit is {cap}")
+    for field in nested:
+        value = getattr(message, field.name)
+        if field.message_type.GetOptions().map_entry:  # a map: its string keys and values
+            for key, item in value.items():
+                for part in (key, item):
+                    if isinstance(part, str) and len(part) > MAX_STRING_CHARS:
+                        raise RequestError(
+                            f"{path}{field.name} has an entry of {len(part)} characters; "
+                            f"the limit is {MAX_STRING_CHARS}"
+                        )
+                    if not isinstance(part, str | bytes | int | float | bool):
+                        check_string_lengths(part, f"{path}{field.name}[...].")
+        elif field.is_repeated:
+            for i, item in enumerate(value):
+                check_string_lengths(item, f"{path}{field.name}[{i}].")
+        elif message.HasField(field.name):
+            check_string_lengths(value, f"{path}{field.name}.")
+
+
 # ----------------------------------------------------------------------------- translation
 
 
@@ -136,18 +246,21 @@ def parse_job_name(name: str, *, field: str = "name") -> str:
         raise RequestError(f"{field} is required: jobs/{{job_id}}")
     prefix, _, job_id = name.partition("/")
     if prefix != "jobs" or not job_id:
-        raise RequestError(f"{field} must look like jobs/{{job_id}}, got {name!r}")
+        raise RequestError(f"{field} must look like jobs/{{job_id}}, got {echo(name)}")
     try:
         return validate_job_id(job_id)
     except ValueError as err:
-        raise RequestError(f"{field}: {err}") from err
+        raise RequestError(clip_echoes(f"{field}: {err}", [job_id])) from err
 
 
 def _timestamp(text: str | None) -> Timestamp | None:
     if not text:
         return None
     stamp = Timestamp()
-    stamp.FromJsonString(text if text.endswith("Z") else text.replace("+00:00", "Z"))
+    try:
+        stamp.FromJsonString(text if text.endswith("Z") else text.replace("+00:00", "Z"))
+    except ValueError:  # a hand-edited or foreign record: the time is left out
+        return None
     return stamp
 
 
@@ -198,12 +311,14 @@ def validate_settings(fields: dict[str, Any]) -> None:
             where = {"dataset": "dataset_uri"}.get(where, where)
             msg = e["msg"].removeprefix("Value error, ")
             parts.append(f"spec.{where}: {msg}" if where else msg)
-        raise RequestError("; ".join(parts)) from err
+        inputs = [v for v in fields.values() if isinstance(v, str)]
+        raise RequestError(clip_echoes("; ".join(parts), inputs)) from err
 
 
 def settings_to_spec(fields: dict[str, Any], idempotency_key: str) -> pb.CleaningJobSpec:
     spec = pb.CleaningJobSpec(
-        dataset_uri=str(fields.get("dataset", "")),
+        # The URI forms the proto documents: a bare name "breastmnist" is medmnist://breastmnist.
+        dataset_uri=canonical_dataset_uri(str(fields.get("dataset", ""))),
         model=str(fields.get("model", "")),
         epochs=int(fields.get("epochs", 0)),
         warmup_epochs=int(fields.get("warmup_epochs", 0)),
@@ -223,32 +338,52 @@ def settings_to_spec(fields: dict[str, Any], idempotency_key: str) -> pb.Cleanin
 # ----------------------------------------------------------------------------- corrections
 
 
+#: trust.csv columns that are not detector scores (the file's first columns).
+_BASE_COLUMNS = (
+    "index", "sample_id", "observed_label", "trust", "flagged", "corrected_label", "true_label",
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class CorrectionTable:
-    """``trust.csv`` of a job as columns."""
+    """``trust.csv`` of a job as columns.
+
+    ``detector_scores`` holds every column after the base ones (detector scores,
+    ``consensus``, secondary values), plus ``linc`` = trust when there are any; a job
+    published before detectors existed has none and is served as before.
+    """
 
     sample_id: list[str]
     observed: np.ndarray
     trust: np.ndarray
     flagged: np.ndarray
     corrected: np.ndarray
+    detector_scores: dict[str, np.ndarray]
 
     @classmethod
     def parse(cls, data: bytes) -> CorrectionTable:
         rows = list(csv.reader(io.StringIO(data.decode())))
         header, body = rows[0], rows[1:]
         col = {name: i for i, name in enumerate(header)}
+        trust = np.array([float(r[col["trust"]]) for r in body], dtype=np.float64)
+        extra = [name for name in header if name not in _BASE_COLUMNS]
+        scores = {
+            name: np.array([float(r[col[name]]) for r in body], dtype=np.float64) for name in extra
+        }
+        if scores:
+            scores = {"linc": trust, **scores}
         return cls(
             sample_id=[r[col["sample_id"]] for r in body],
             observed=np.array([int(r[col["observed_label"]]) for r in body], dtype=np.int64),
-            trust=np.array([float(r[col["trust"]]) for r in body], dtype=np.float64),
+            trust=trust,
             flagged=np.array([r[col["flagged"]] == "1" for r in body], dtype=bool),
             corrected=np.array([int(r[col["corrected_label"]]) for r in body], dtype=np.int64),
+            detector_scores=scores,
         )
 
     def rows(self, indices: np.ndarray) -> list[pb.Correction]:
         ids, obs, trust = self.sample_id, self.observed, self.trust
-        flagged, corrected = self.flagged, self.corrected
+        flagged, corrected, scores = self.flagged, self.corrected, self.detector_scores
         return [
             pb.Correction(
                 index=int(i),
@@ -257,6 +392,7 @@ class CorrectionTable:
                 trust=float(trust[i]),
                 flagged=bool(flagged[i]),
                 corrected_label=int(corrected[i]),
+                detector_scores={name: float(v[i]) for name, v in scores.items()},
             )
             for i in indices.tolist()
         ]
@@ -289,11 +425,18 @@ def _decode_token(token: str, expected: dict[str, Any]) -> int:
     """The offset in ``token``; INVALID_ARGUMENT unless it was issued for this request."""
     if not token:
         return 0
+    not_ours = "page_token is not one this server issued"
+    if len(token) > MAX_PAGE_TOKEN:
+        raise RequestError(not_ours)
     try:
         payload = json.loads(base64.urlsafe_b64decode(token.encode()))
-        offset = int(payload.pop("o"))
-    except (ValueError, KeyError, TypeError) as err:
-        raise RequestError("page_token is not one this server issued") from err
+    except (ValueError, RecursionError) as err:  # binascii.Error, UnicodeError, JSON
+        raise RequestError(not_ours) from err
+    # Only what _encode_token makes: an object with an integer offset "o" (JSON also
+    # parses null, numbers, strings, Infinity and deep nesting).
+    if not isinstance(payload, dict) or type(payload.get("o")) is not int:
+        raise RequestError(not_ours)
+    offset = payload.pop("o")
     if payload != expected or offset < 0:
         raise RequestError("page_token belongs to a different request (filter or job changed)")
     return offset
@@ -312,9 +455,23 @@ class NoiseScoringServicer(pb_grpc.NoiseScoringServicer):
         max_batch: int = 1024,
         observe_inference: Callable[[float, int], None] | None = None,
         onnx_threads: int = 0,
+        dataset_roots: tuple[str, ...] = (),
+        max_watches: int = DEFAULT_MAX_WATCHES,
+        watch_interval: float = WATCH_POLL_S,
+        max_request_pixels: int = MAX_REQUEST_PIXELS,
+        max_inflight_pixels: int = MAX_INFLIGHT_PIXELS,
     ) -> None:
         self.jobs = jobs
         self.max_batch = max_batch
+        # Images are bounded by what decoding them costs, per request and in flight.
+        self.max_request_pixels = max_request_pixels
+        self.pixels = PixelBudget(max_inflight_pixels, setting="NOISESCORE_MAX_INFLIGHT_PIXELS")
+        # Every WatchJob stream is a coroutine fed by this one poller (no RPC thread each).
+        self.watches: WatchHub[tuple[JobRecord, list[pb.JobEvent]]] = WatchHub(
+            self._watch_snapshot, interval=watch_interval, max_watches=max_watches
+        )
+        # Jobs read dataset names from the data dir and URIs under these roots, nothing else.
+        self.datasets = DatasetPolicy.from_roots(dataset_roots)
         self.models = ModelCache(
             self._onnx_bytes, observe=observe_inference, intra_op_threads=onnx_threads
         )
@@ -338,6 +495,16 @@ class NoiseScoringServicer(pb_grpc.NoiseScoringServicer):
 
     def _result(self, job_id: str) -> pb.JobResult:
         def load() -> pb.JobResult:
+            try:
+                return parse()
+            except (KeyError, TypeError, ValueError, AttributeError) as err:
+                # The checksums match but the content does not (a rewritten manifest).
+                raise CorruptArtifact(
+                    f"job {job_id}: report.json or manifest.json does not hold a job's "
+                    f"results ({type(err).__name__}: {err})"
+                ) from err
+
+        def parse() -> pb.JobResult:
             report = self.jobs.report(job_id)
             manifest = self.jobs.manifest(job_id)
             linc, test = report["linc"], report.get("test") or {}
@@ -358,6 +525,17 @@ class NoiseScoringServicer(pb_grpc.NoiseScoringServicer):
             if "label_accuracy_before" in linc:
                 result.label_accuracy_before = linc["label_accuracy_before"]
                 result.label_accuracy_after = linc["label_accuracy_after"]
+            detectors = report.get("detectors") or {}  # absent in jobs before detectors
+            result.detectors.extend(detectors)
+            result.flagged_by = str(linc.get("flag_by", "linc"))
+            result.correction_skipped = not linc.get("relabelled", True)
+            test_stat = linc.get("bimodality") or {}
+            if test_stat.get("statistic") is not None:
+                result.bimodality = float(test_stat["statistic"])
+                result.bimodality_min = float(test_stat["threshold"])
+            for name, entry in detectors.items():
+                if entry.get("auroc") is not None:
+                    result.detector_auroc[name] = float(entry["auroc"])
             return result
 
         return self._results.get(job_id, load)
@@ -369,6 +547,10 @@ class NoiseScoringServicer(pb_grpc.NoiseScoringServicer):
         return 1.0 / float(report["dataset"]["n_classes"])  # jobs published before calibration
 
     def _job_message(self, record: JobRecord) -> pb.Job:
+        """The Job resource; :class:`CorruptArtifact` (DATA_LOSS) when its stored state or
+        results are corrupt or inconsistent."""
+        if record.damage:
+            raise CorruptArtifact(f"job {record.job_id}: {record.damage}")
         job = pb.Job(
             name=f"jobs/{record.job_id}",
             state=pb.Job.State.Value(record.state),
@@ -412,11 +594,21 @@ class NoiseScoringServicer(pb_grpc.NoiseScoringServicer):
         return events
 
     def _table(self, job_id: str) -> CorrectionTable:
-        return self._tables.get(
-            job_id, lambda: CorrectionTable.parse(self._store(job_id).get("trust.csv"))
-        )
+        def load() -> CorrectionTable:
+            data = self._store(job_id).get("trust.csv")
+            try:
+                return CorrectionTable.parse(data)
+            except (KeyError, IndexError, ValueError) as err:  # checksums fine, content not
+                raise CorruptArtifact(
+                    f"job {job_id}: trust.csv is not a corrections table"
+                ) from err
 
-    def _images(self, images: Any, info: Any) -> np.ndarray:
+        return self._tables.get(job_id, load)
+
+    @contextlib.contextmanager
+    def _images(self, images: Any, info: Any) -> Iterator[np.ndarray]:
+        """The decoded batch, its cost (headers only) checked against the per-request
+        limit and reserved from the process budget until the caller is done with it."""
         inputs: list[ImageInput] = []
         for i, image in enumerate(images):
             kind = image.WhichOneof("data")
@@ -426,7 +618,16 @@ class NoiseScoringServicer(pb_grpc.NoiseScoringServicer):
                 inputs.append(TensorImage(tuple(image.tensor.shape), image.tensor.data))
             else:
                 raise RequestError(f"images[{i}]: set either encoded or tensor")
-        return decode_images(inputs, info)
+        with (
+            open_images(
+                inputs,
+                info,
+                max_total=self.max_request_pixels,
+                total_setting="NOISESCORE_MAX_REQUEST_PIXELS",
+            ) as opened,
+            self.pixels.reserve(opened.pixels),
+        ):
+            yield opened.decode()
 
     def _model_for(self, job: str, n: int, what: str) -> tuple[str, OnnxModel]:
         """The job id and ONNX model behind a batch of ``n`` ``what`` (checked first)."""
@@ -457,6 +658,14 @@ class NoiseScoringServicer(pb_grpc.NoiseScoringServicer):
             raise RequestError(f"spec.idempotency_key is longer than {MAX_IDEMPOTENCY_KEY}")
         fields = spec_to_settings_fields(request.spec)
         validate_settings(fields)
+        try:
+            self.datasets.admit(fields["dataset"])  # DatasetAccessDenied: PERMISSION_DENIED
+        except DatasetAccessDenied:
+            raise
+        except DataError as err:
+            raise RequestError(f"spec.dataset_uri: {err}") from err
+        # The job checks again where it reads the data, under the same roots (ml.clean).
+        fields["dataset_roots"] = list(self.datasets.roots)
         return self._job_message(self.jobs.submit(fields, idempotency_key=key))
 
     @unary
@@ -472,42 +681,80 @@ class NoiseScoringServicer(pb_grpc.NoiseScoringServicer):
             raise RequestError(f"page_size must lie in [1, {MAX_PAGE_SIZE}], got {size}")
         state = None
         if request.state != pb.Job.STATE_UNSPECIFIED:
+            if request.state not in pb.Job.State.values():  # an open enum: any int32 parses
+                raise RequestError(
+                    f"state {request.state} is not a job state; use one of {', '.join(STATES)}"
+                )
             state = pb.Job.State.Name(request.state)
-            if state not in STATES:
-                raise RequestError(f"state {request.state} is not a job state")
         offset = _decode_token(request.page_token, {"s": state or ""})
         records = self.jobs.records(state)
         page = records[offset : offset + size]
-        response = pb.ListJobsResponse(jobs=[self._job_message(r) for r in page])
+        response = pb.ListJobsResponse(jobs=[self._listed_job(r) for r in page])
         if offset + size < len(records):
             response.next_page_token = _encode_token({"o": offset + size, "s": state or ""})
         return response
+
+    def _listed_job(self, record: JobRecord) -> pb.Job:
+        """A job as ListJobs shows it: one with corrupt stored state is listed FAILED with
+        the reason (GetJob on it answers DATA_LOSS) instead of failing the whole list."""
+        try:
+            return self._job_message(record)
+        except CorruptArtifact as err:
+            logger.warning("job %s: %s", record.job_id, err)
+            job = pb.Job(
+                name=f"jobs/{record.job_id}",
+                state=pb.Job.FAILED,
+                spec=settings_to_spec(record.spec, record.idempotency_key),
+                error=(
+                    "DATA_LOSS: the job's stored artifacts are corrupt or inconsistent "
+                    f"({public_error(str(err))}); `noisescore verify {record.job_id}` on the "
+                    "store lists the damage"
+                ),
+                artifacts_uri=self._store(record.job_id).url(),
+            )
+            stamp = _timestamp(record.create_time)
+            if stamp is not None:
+                job.create_time.CopyFrom(stamp)
+            return job
 
     @unary
     def CancelJob(self, request: pb.CancelJobRequest, context: grpc.ServicerContext) -> pb.Job:
         return self._job_message(self.jobs.cancel(parse_job_name(request.name)))
 
-    @streaming
-    def WatchJob(
-        self, request: pb.WatchJobRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.JobEvent]:
-        job_id = parse_job_name(request.name)
+    def _watch_snapshot(self, job_id: str) -> tuple[JobRecord, list[pb.JobEvent]]:
         record = self.jobs.get(job_id)
-        name = f"jobs/{job_id}"
-        last_state = None
-        seen: dict[str, int] = {}
-        while context.is_active():
-            record = self.jobs.get(job_id)
-            if record.state != last_state:
-                last_state = record.state
-                yield pb.JobEvent(name=name, state=pb.Job.State.Value(record.state))
-            for event in self._progress_events(record):
-                if event.epoch > seen.get(event.stage, 0):
-                    seen[event.stage] = event.epoch
-                    yield event
-            if record.terminal:
-                return
-            time.sleep(WATCH_POLL_S)
+        return record, self._progress_events(record)
+
+    async def WatchJob(
+        self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.JobEvent]:
+        """A state event now and on every change, a progress event per new epoch, until
+        the job is terminal. A coroutine on the event loop: it holds no RPC thread."""
+        try:
+            job_id = parse_job_name(request.name)
+            name = f"jobs/{job_id}"
+            last_state = None
+            seen: dict[str, int] = {}
+            async with contextlib.aclosing(self.watches.follow(job_id)) as snapshots:
+                async for record, events in snapshots:
+                    if record.state != last_state:
+                        last_state = record.state
+                        yield pb.JobEvent(name=name, state=pb.Job.State.Value(record.state))
+                    for event in events:
+                        if event.epoch > seen.get(event.stage, 0):
+                            seen[event.stage] = event.epoch
+                            yield event
+                    if record.terminal:
+                        return
+        except Exception as err:
+            status = _status_of(err)
+            if status is None:
+                raise
+            await context.abort(*status)
+
+    async def close_watches(self) -> None:
+        """End every open WatchJob stream with UNAVAILABLE (the server is stopping)."""
+        await self.watches.close()
 
     # -------------------------------------------------------------- results
 
@@ -559,10 +806,11 @@ class NoiseScoringServicer(pb_grpc.NoiseScoringServicer):
         self, request: pb.ScoreLabelsRequest, context: grpc.ServicerContext
     ) -> pb.ScoreLabelsResponse:
         job_id, model = self._model_for(request.job, len(request.samples), "samples")
-        images = self._images((s.image for s in request.samples), model.info)
         labels = np.array([s.label for s in request.samples], dtype=np.int64)
         cutoff = self._result(job_id).suspect_cutoff
-        scores = score_labels(model.predict_proba(images), labels, cutoff=cutoff)
+        with self._images((s.image for s in request.samples), model.info) as images:
+            probabilities = model.predict_proba(images)
+        scores = score_labels(probabilities, labels, cutoff=cutoff)
         return pb.ScoreLabelsResponse(
             scores=[
                 pb.LabelScore(
@@ -583,7 +831,8 @@ class NoiseScoringServicer(pb_grpc.NoiseScoringServicer):
         self, request: pb.PredictRequest, context: grpc.ServicerContext
     ) -> pb.PredictResponse:
         _, model = self._model_for(request.job, len(request.images), "images")
-        probabilities = model.predict_proba(self._images(request.images, model.info))
+        with self._images(request.images, model.info) as images:
+            probabilities = model.predict_proba(images)
         return pb.PredictResponse(
             predictions=[
                 pb.Prediction(probabilities=row.tolist(), predicted_label=int(row.argmax()))
@@ -612,10 +861,22 @@ def _safe_deserializer(message_class: Any) -> Callable[[bytes], Any]:
     return deserialize
 
 
+def _checked(request: Any) -> str | None:
+    """Why ``request`` is refused before its handler runs (INVALID_ARGUMENT), or None."""
+    if isinstance(request, MalformedRequest):
+        return request.message
+    try:
+        check_string_lengths(request)
+    except RequestError as err:
+        return str(err)
+    return None
+
+
 def _unary_guard(handler: Callable[..., Any]) -> Callable[..., Any]:
     def guarded(request: Any, context: grpc.ServicerContext) -> Any:
-        if isinstance(request, MalformedRequest):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        problem = _checked(request)
+        if problem is not None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         return handler(request, context)
 
     return guarded
@@ -623,35 +884,62 @@ def _unary_guard(handler: Callable[..., Any]) -> Callable[..., Any]:
 
 def _stream_guard(handler: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
     def guarded(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        if isinstance(request, MalformedRequest):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        problem = _checked(request)
+        if problem is not None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         yield from handler(request, context)
 
     return guarded
 
 
-def add_servicer(servicer: pb_grpc.NoiseScoringServicer, server: grpc.Server) -> None:
-    """Register ``servicer`` like the generated ``add_NoiseScoringServicer_to_server``, but
-    a request that does not parse is INVALID_ARGUMENT with the reason (grpc's default is
-    INTERNAL "Exception deserializing request!")."""
+def _async_stream_guard(
+    handler: Callable[..., AsyncIterator[Any]],
+) -> Callable[..., AsyncIterator[Any]]:
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        problem = _checked(request)
+        if problem is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        async for response in handler(request, context):
+            yield response
+
+    return guarded
+
+
+def add_servicer(
+    servicer: pb_grpc.NoiseScoringServicer, server: grpc.aio.Server, executor: RpcExecutor
+) -> None:
+    """Register ``servicer`` on the asyncio ``server`` like the generated
+    ``add_NoiseScoringServicer_to_server``, except that
+
+    - a request that does not parse, or has a string field over its cap
+      (:func:`check_string_lengths`), is INVALID_ARGUMENT with the reason before the
+      handler runs (grpc's default for the first is INTERNAL "Exception deserializing
+      request!");
+    - blocking methods run in ``executor``'s thread pool behind its admission limit;
+      ``async`` ones (``WatchJob``: an async generator) run on the event loop.
+    """
     service = pb.DESCRIPTOR.services_by_name["NoiseScoring"]
     handlers = {}
     for method in service.methods:
         request_class = getattr(pb, method.input_type.name)
         response_class = getattr(pb, method.output_type.name)
         implementation = getattr(servicer, method.name)
-        if method.server_streaming:
-            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                _stream_guard(implementation),
-                request_deserializer=_safe_deserializer(request_class),
-                response_serializer=response_class.SerializeToString,
-            )
+        options = dict(
+            request_deserializer=_safe_deserializer(request_class),
+            response_serializer=response_class.SerializeToString,
+        )
+        if method.server_streaming and inspect.isasyncgenfunction(implementation):
+            behavior: Any = _async_stream_guard(implementation)
+        elif method.server_streaming:
+            behavior = blocking_stream(_stream_guard(implementation), executor)
         else:
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _unary_guard(implementation),
-                request_deserializer=_safe_deserializer(request_class),
-                response_serializer=response_class.SerializeToString,
-            )
+            behavior = blocking_unary(_unary_guard(implementation), executor)
+        factory = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = factory(behavior, **options)
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )

@@ -32,7 +32,8 @@ def test_bench_service_writes_outputs(tmp_path: Path, data_dir: Path) -> None:
         [
             "--data-dir", str(data_dir), "--epochs", "2", "--warmup-epochs", "1",
             "--repeats", "3", "--duration", "0.5", "--clients", "4",
-            "--large-rows", "5000", "--large-repeats", "1", "--out-dir", str(out_dir),
+            "--large-rows", "5000", "--large-repeats", "1", "--watches", "20",
+            "--out-dir", str(out_dir),
         ]
     )  # fmt: skip
     for name in ("service.json", "service.md", "service.png"):
@@ -65,6 +66,13 @@ def test_bench_service_writes_outputs(tmp_path: Path, data_dir: Path) -> None:
     assert summary["throughput"]["GetCorrections"]["clients_1"]["samples_per_request"] == 546
     assert summary["errors"] == 0
 
+    watch = summary["watch_load"]  # ScoreLabels beside open WatchJob streams of a held job
+    assert watch["watches"] == 20 and watch["errors"] == 0 and watch["watch_errors"] == 0
+    for condition in ("without", "with"):
+        assert watch[condition]["requests"] > 0, condition
+        assert watch[condition]["latency"]["p99_ms"] > 0, condition
+    assert math.isfinite(watch["p99_with_over_without"])
+
     large = summary["large_job"]
     assert large["synthetic"] is True and large["rows"] == 5000
     for kind in ("stream", "paged"):
@@ -77,7 +85,12 @@ def test_bench_service_writes_outputs(tmp_path: Path, data_dir: Path) -> None:
     assert env["other_cpu_cores_during_measurements"] >= 0
     assert "bench/bench_service.py" in env["command"] and env["git_commit"]
     md = (out_dir / "service.md").read_text()
-    for heading in ("## Predict latency", "## Concurrency", "## Large job read (synthetic"):
+    for heading in (
+        "## Predict latency",
+        "## Concurrency",
+        "## Watches under load (20 WatchJob streams)",
+        "## Large job read (synthetic",
+    ):
         assert heading in md, heading
     assert "| batch | case | p50 (ms) | p99 (ms) | torch p50 / p50 |" in md
     assert "bench/bench_service.py" in md

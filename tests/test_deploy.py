@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -84,6 +86,44 @@ def test_k8s_job_template_requests_gpus_and_references_secrets() -> None:
 # --------------------------------------------------------------------------- real API
 
 
+def test_flow_run_without_an_api_fails_fast(tmp_path: Path) -> None:
+    """No PREFECT_API_URL (nor a profile setting it): exit 2 and one line saying what to
+    set, without starting a temporary Prefect server that has no deployments."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # no profile with an API URL
+    result = subprocess.run(
+        [str(BIN / "noisescore"), "flow", "run", "--epochs", "3", "--warmup-epochs", "2"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("noisescore: error: PREFECT_API_URL is not set")
+    assert "PREFECT_API_URL=http://127.0.0.1:4200/api" in result.stderr
+    # Set, but nothing listens there: exit 1, one line naming the URL.
+    with socket.socket() as sock:  # a free port, closed again
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}/api"
+    result = subprocess.run(
+        [str(BIN / "noisescore"), "flow", "run", "--epochs", "3", "--warmup-epochs", "2"],
+        env={**env, "PREFECT_API_URL": closed}, cwd=tmp_path, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert f"no Prefect API answers at PREFECT_API_URL={closed}" in result.stderr
+
+
+def test_flow_run_of_a_missing_deployment(
+    prefect_api: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["flow", "run", "--deployment", "clean-labels/nowhere", "--epochs", "3",
+            "--warmup-epochs", "2"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no deployment clean-labels/nowhere at" in err
+    assert "prefect --no-prompt deploy --all" in err
+
+
 def _prefect(api: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     return subprocess.run(
@@ -98,17 +138,29 @@ def _read(api: str, path: str) -> Any:
     return response.json()
 
 
+def _readme_setup() -> list[list[str]]:
+    """The README's one-time Prefect setup (the block that creates the work pools): its
+    ``.venv/bin/prefect`` commands, as a user copies them."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+    (block,) = [b for b in blocks if "work-pool create" in b]
+    commands = [
+        shlex.split(line, comments=True)
+        for line in block.replace("\\\n", " ").splitlines()
+        if line.startswith(".venv/bin/prefect ")
+    ]
+    assert [c[1:] for c in commands if "deploy" in c] == [["--no-prompt", "deploy", "--all"]]
+    return [c[1:] for c in commands]
+
+
 @pytest.fixture(scope="module")
 def deployed(prefect_api: str) -> str:
-    """Both work pools created from the repository's files, prefect.yaml deployed."""
-    for args in (
-        ("work-pool", "create", "noisescore-local", "--type", "process", "--overwrite"),
-        ("work-pool", "create", "noisescore-gpu", "--type", "kubernetes", "--overwrite",
-         "--base-job-template", str(K8S_TEMPLATE)),
-        ("--no-prompt", "deploy", "--all"),
-    ):  # fmt: skip
+    """The README's setup, command by command, on a server without the pools: both work
+    pools created, every deployment of prefect.yaml deployed (``deploy --all`` exits 0)."""
+    for pool in ("noisescore-local", "noisescore-gpu"):  # as on a fresh server
+        _prefect(prefect_api, "--no-prompt", "work-pool", "delete", pool)
+    for args in _readme_setup():
         result = _prefect(prefect_api, *args)
-        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.returncode == 0, (args, result.stdout + result.stderr)
     return prefect_api
 
 
@@ -128,6 +180,9 @@ def test_pools_and_deployments_on_a_real_api(deployed: str) -> None:
     schema = local["parameter_openapi_schema"]
     assert set(schema["properties"]) == {"settings", "job_id"}
     assert "CleanSettings" in schema["definitions"]  # the UI's form is the typed settings
+    # What the UI's Quick run trains: not the paper's 100 epochs on a laptop's worker.
+    assert local["parameters"]["settings"]["epochs"] == 30
+    CleanSettings(**local["parameters"]["settings"])
 
 
 @pytest.fixture
@@ -147,30 +202,42 @@ def background(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 def _start(
-    processes: list[subprocess.Popen[bytes]], args: list[str], api: str, store: Path, log: Path
+    processes: list[subprocess.Popen[bytes]],
+    args: list[str],
+    api: str,
+    store: Path | None,
+    log: Path,
+    cwd: Path = ROOT,
 ) -> None:
+    """Start a worker or server process; ``store=None``: no store configured for it."""
     env = {
         **os.environ,
         "PREFECT_API_URL": api,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "NOISESCORE_STORE_DIR": str(store),
         "NOISESCORE_DATA_DIR": str(ROOT.parent / "shared" / "data"),
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     env.pop("NOISESCORE_S3_ENDPOINT", None)
+    env.pop("NOISESCORE_STORE_DIR", None)
+    if store is not None:
+        env["NOISESCORE_STORE_DIR"] = str(store)
     with log.open("wb") as out:
         processes.append(
-            subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+            subprocess.Popen(args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
         )
 
 
 def _run_and_verify(
-    deployment: str, job_id: str, store: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+    deployment: str, job_id: str, store: Path, data_dir: Path,
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> str:  # fmt: skip
+    """Run the deployment through `noisescore flow run --wait`; return the flow run's id."""
+    monkeypatch.delenv("NOISESCORE_S3_ENDPOINT", raising=False)
+    monkeypatch.setenv("NOISESCORE_STORE_DIR", str(store))  # this terminal sees the same store
     argv = [
         "flow", "run", "--deployment", deployment, "--job-id", job_id, "--wait",
         "--dataset", "medmnist://breastmnist", "--data-dir", str(data_dir),
-        "--epochs", "2", "--warmup-epochs", "1", "--device", "cpu",
+        "--noise", "uniform:0.5", "--epochs", "2", "--warmup-epochs", "1", "--device", "cpu",
     ]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
@@ -178,27 +245,68 @@ def _run_and_verify(
     job = JobStore(open_store(StoreSettings(store_dir=store)), job_id)
     job.verify()
     assert json.loads(job.get("spec.json"))["settings"]["epochs"] == 2
+    # The same summary as `noisescore clean` prints.
+    assert "noise     uniform:0.5 realised" in out and "LiNC      Otsu threshold" in out
+    assert f"artifacts {job.url()}" in out and "trust_histogram.png" in out
+    match = re.search(r"flow run \S+ \(([0-9a-f-]{36})\)", out)
+    assert match, out
+    return match.group(1)
+
+
+def _flow_logs(api: str, flow_run_id: str, until: str = "artifacts go to") -> list[str]:
+    """The messages of a flow run's own logs (not its tasks'), oldest first, once one
+    containing ``until`` has arrived (logs reach the API in batches, after the state)."""
+    body = {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC"}
+    deadline = time.monotonic() + 60
+    while True:
+        response = httpx.post(f"{api}/logs/filter", json=body, timeout=30)
+        response.raise_for_status()
+        messages = [log["message"] for log in response.json() if log["task_run_id"] is None]
+        if any(until in m for m in messages) or time.monotonic() > deadline:
+            return messages
+        time.sleep(0.5)
+
+
+def _after_start(messages: list[str]) -> list[str]:
+    """What the flow logged after Prefect's own start lines (pull steps, "Beginning…")."""
+    ours = [i for i, m in enumerate(messages) if "artifacts go to" in m]
+    assert ours, messages
+    return messages[ours[0] :]
 
 
 @pytest.mark.slow
 def test_run_on_the_process_pool_through_a_worker(
     deployed: str, data_dir: Path, tmp_path: Path, background: list[subprocess.Popen[bytes]],
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     store = tmp_path / "store"
     worker = [str(BIN / "prefect"), "worker", "start", "--pool", "noisescore-local"]
     _start(background, worker, deployed, store, tmp_path / "worker.log")
-    _run_and_verify("clean-labels/local", "via-worker", store, data_dir, capsys)
+    run_id = _run_and_verify(
+        "clean-labels/local", "via-worker", store, data_dir, capsys, monkeypatch
+    )
+    logs = _after_start(_flow_logs(deployed, run_id))
+    assert logs[0] == f"job via-worker: artifacts go to {store.resolve().as_uri()}/jobs/via-worker/"
+    assert not any("no store is configured" in m for m in logs)  # the worker has a store
 
 
 @pytest.mark.slow
 def test_served_deployment_runs(
     prefect_api: str, data_dir: Path, tmp_path: Path,
     background: list[subprocess.Popen[bytes]], capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    store = tmp_path / "store"
+    """Served with no store configured: the runs go to the serving process's ./artifacts,
+    and each run's first log line says where, with a warning; bad parameters (as the UI's
+    Custom run sends them) fail in the first step with one line."""
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.deployments import run_deployment
+
+    cwd = tmp_path / "serving"
+    cwd.mkdir()
+    store = cwd / "artifacts"
     serve = [str(BIN / "noisescore"), "flow", "serve", "--name", "served-test"]
-    _start(background, serve, prefect_api, store, tmp_path / "serve.log")
+    _start(background, serve, prefect_api, None, tmp_path / "serve.log", cwd=cwd)
     deadline = time.monotonic() + 120
     while True:  # the deployment exists once `serve` has registered it
         response = httpx.get(f"{prefect_api}/deployments/name/clean-labels/served-test")
@@ -207,7 +315,26 @@ def test_served_deployment_runs(
         assert background[0].poll() is None, (tmp_path / "serve.log").read_text()
         assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
         time.sleep(0.5)
-    _run_and_verify("clean-labels/served-test", "via-serve", store, data_dir, capsys)
+    run_id = _run_and_verify(
+        "clean-labels/served-test", "via-serve", store, data_dir, capsys, monkeypatch
+    )
+    logs = _after_start(_flow_logs(prefect_api, run_id, until="no store is configured"))
+    assert logs[0] == f"job via-serve: artifacts go to {store.resolve().as_uri()}/jobs/via-serve/"
+    assert logs[1].startswith("no store is configured where this flow runs") and (
+        "NOISESCORE_STORE_DIR in the environment of the worker" in logs[1]
+    )
+
+    bad = run_deployment(
+        "clean-labels/served-test",
+        parameters={"settings": {"epochs": 3, "warmup_epochs": 10}},
+        timeout=120,
+    )
+    assert isinstance(bad, FlowRun) and bad.state is not None and bad.state.is_failed()
+    message = "invalid parameters: warmup_epochs (10) must not exceed epochs (3)"
+    assert bad.state.message == message
+    logs = _flow_logs(prefect_api, str(bad.id), until="invalid parameters")
+    assert [m for m in logs if m.startswith("invalid")] == [message]  # one line
+    assert not any("Traceback" in m for m in logs)
 
 
 @pytest.mark.slow

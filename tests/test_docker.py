@@ -771,3 +771,15 @@ def test_docker_compose_config_is_valid(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("image", sorted(DOCKERFILES))
+def test_images_carry_the_license_and_third_party_notices(image: str) -> None:
+    copied = [i.args.split() for i in final_stage(image).all("COPY")]
+    assert ["LICENSE", "THIRD_PARTY_NOTICES.md", "/usr/share/doc/noisescore/"] in copied
+    license_text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert 'license = "Apache-2.0"' in (ROOT / "pyproject.toml").read_text()
+    notices = (ROOT / "THIRD_PARTY_NOTICES.md").read_text()
+    base = final_stage(image).base
+    assert f"`{base}`" in notices  # the base image of the runtime stage is listed

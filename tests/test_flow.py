@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import Gateway, S3Server
+from prefect.logging.handlers import APILogHandler
 from prefect.states import State
 from pydantic import SecretStr
 
@@ -100,7 +101,17 @@ def s3_job(s3: S3Server, data_dir: Path, prefect_api: str) -> tuple[State, JobSt
     return state, JobStore(open_store(s3.settings()), "flow-e2e")
 
 
-def test_flow_completes_and_every_artifact_verifies(s3_job: tuple[State, JobStore]) -> None:
+def _logs(prefect_api: str, flow_run_id: Any) -> list[dict[str, Any]]:
+    # The flow ran in this process: its logs go to the API in background batches, so
+    # send what is queued before reading them back.
+    APILogHandler().flush()
+    body = {"logs": {"flow_run_id": {"any_": [str(flow_run_id)]}}, "sort": "TIMESTAMP_ASC"}
+    return _api(prefect_api, "logs/filter", body)
+
+
+def test_flow_completes_and_every_artifact_verifies(
+    s3: S3Server, s3_job: tuple[State, JobStore]
+) -> None:
     state, job = s3_job
     assert state.is_completed(), state.message
     summary = state.result()
@@ -112,6 +123,11 @@ def test_flow_completes_and_every_artifact_verifies(s3_job: tuple[State, JobStor
     assert set(JOB_FILES) <= set(manifest["files"])
     refs = job.verify()  # reads every file back, checks size and sha256
     assert set(refs) == set(manifest["files"])
+    # The manifest lists every file the job keeps, progress and checkpoint included.
+    job_dir = s3.root / "noisescore" / "jobs" / "flow-e2e"
+    stored = {p.relative_to(job_dir).as_posix() for p in job_dir.rglob("*") if p.is_file()}
+    assert set(manifest["files"]) == stored - {MANIFEST}
+    assert {"trust_histogram.png", "progress.json", "checkpoints/warmup.pt"} <= stored
     parity = manifest["onnx_parity"]
     assert parity["passed"] and parity["max_abs_diff"] <= 1e-4 and parity["batch_size"] > 0
 
@@ -137,6 +153,51 @@ def test_flow_completes_and_every_artifact_verifies(s3_job: tuple[State, JobStor
 
     progress = json.loads(job.get("progress.json", verify=False))
     assert progress["final"]["epoch"] == 3 and progress["warmup"]["trust_mean"] < 1.0
+
+
+def test_first_log_line_names_the_store(s3_job: tuple[State, JobStore], prefect_api: str) -> None:
+    state, _ = s3_job
+    logs = _logs(prefect_api, state.state_details.flow_run_id)
+    ours = [i for i, log in enumerate(logs) if "artifacts go to" in log["message"]]
+    assert ours, [log["message"] for log in logs]
+    first = logs[ours[0]]
+    assert first["message"] == "job flow-e2e: artifacts go to s3://noisescore/jobs/flow-e2e/"
+    # Before it only Prefect's own start lines ("Beginning flow run …", "View at …").
+    assert all(log["task_run_id"] is None for log in logs[: ours[0]])
+    assert not any("Beginning" not in m and "View at" not in m for m in
+                   (log["message"] for log in logs[: ours[0]]))  # fmt: skip
+    # Not a deployment run: no warning about a worker's default store.
+    assert not any(log["level"] >= 30 for log in logs), [log["message"] for log in logs]
+
+
+def test_invalid_parameters_fail_in_the_first_step_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_api: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """As the UI's Custom run sends them: JSON settings, epochs 3 with the default warm-up."""
+    _use_store(monkeypatch, StoreSettings(store_dir=tmp_path / "store"))
+    state = clean_labels(
+        settings={"dataset": "medmnist://breastmnist", "epochs": 3, "warmup_epochs": 10},
+        job_id="bad-params",
+        return_state=True,
+    )
+    assert state.is_failed()
+    message = "warmup_epochs (10) must not exceed epochs (3)"
+    assert state.message == f"invalid parameters: {message}"
+    run_id = state.state_details.flow_run_id
+    assert _task_runs(prefect_api, run_id) == []  # nothing ran
+    errors = [log["message"] for log in _logs(prefect_api, run_id) if log["level"] >= 40]
+    assert errors == [f"invalid parameters: {message}"]
+    assert not (tmp_path / "store").exists()
+    # The CLI says the same for the same values.
+    assert main(["clean", "--epochs", "3", "--warmup-epochs", "10"]) == 2
+    assert capsys.readouterr().err == f"noisescore: error: {message}\n"
+    bad = clean_labels(settings={"epochs": 0}, return_state=True)
+    assert bad.message == "invalid parameters: --epochs: Input should be greater than or equal to 1"
+    bad = clean_labels(
+        settings={"epochs": 3, "warmup_epochs": 2}, job_id="Not_An_Id", return_state=True
+    )
+    assert bad.is_failed() and "invalid job id 'Not_An_Id'" in (bad.message or "")
 
 
 def test_flow_is_visible_in_prefect(s3_job: tuple[State, JobStore], prefect_api: str) -> None:
@@ -171,6 +232,45 @@ def test_corrupted_artifact_is_detected(
         stored.write_bytes(original)
     assert main(["verify", "flow-e2e"]) == 0
     assert "verified" in capsys.readouterr().out
+
+
+def test_corrupted_histogram_fails_verify(
+    s3: S3Server, s3_job: tuple[State, JobStore], capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    stored = s3.root / "noisescore" / "jobs" / "flow-e2e" / "trust_histogram.png"
+    original = stored.read_bytes()
+    middle = len(original) // 2
+    _use_store(monkeypatch, s3.settings())
+    try:  # same size (see S3Server), one byte changed
+        stored.write_bytes(
+            original[:middle] + bytes([original[middle] ^ 0xFF]) + original[middle + 1 :]
+        )
+        assert main(["verify", "flow-e2e"]) == 1
+        assert "trust_histogram.png is corrupt" in capsys.readouterr().err
+    finally:
+        stored.write_bytes(original)
+    assert main(["verify", "flow-e2e"]) == 0
+    out = capsys.readouterr().out
+    assert "trust_histogram.png" in out and "checkpoints/warmup.pt" in out
+
+
+def test_verify_names_the_store_it_searched(
+    s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """An S3 job verified without NOISESCORE_S3_*: the message says where it looked."""
+    _use_store(monkeypatch, StoreSettings(store_dir=tmp_path / "local"))
+    assert main(["verify", "flow-e2e"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"the local store {(tmp_path / 'local').resolve().as_uri()}/" in err
+    assert "NOISESCORE_S3_ENDPOINT is not set" in err and "set NOISESCORE_S3_ENDPOINT" in err
+    _use_store(monkeypatch, s3.settings())
+    assert main(["verify", "no-such-job"]) == 1
+    err = capsys.readouterr().err
+    assert f"the S3 store s3://noisescore/ (NOISESCORE_S3_ENDPOINT={s3.endpoint})" in err
+    assert "--store-dir" in err
 
 
 def test_storage_down_at_publish_then_retry_reuses_warmup(

@@ -189,8 +189,11 @@ def test_every_container_has_resources_and_probes(objects: list[dict[str, Any]])
 def test_service_probes_are_grpc_on_the_health_port(objects: list[dict[str, Any]]) -> None:
     (deployment,) = find(objects, "Deployment", "ns-noisescore")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "livenessProbe"):  # liveness: the process answers
         assert container[probe]["grpc"] == {"port": 8081, "service": ""}
+    # Readiness: NOT_SERVING while the API is saturated (docs/SERVICE.md, Health checks).
+    ready = {"port": 8081, "service": "noisescore.v1.NoiseScoring"}
+    assert container["readinessProbe"]["grpc"] == ready
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["NOISESCORE_HEALTH_ADDR"] == "0.0.0.0:8081"
     assert env["NOISESCORE_JOB_RUNNER"] == "prefect"
@@ -410,10 +413,41 @@ def test_auth_and_tls_mount_existing_secrets(production_objects: list[dict[str, 
         ({"auth": {"enabled": True}}, "auth.enabled requires auth.existingSecret"),
         ({"tls": {"enabled": True}}, "tls.enabled requires tls.existingSecret"),
         ({"tls": {"clientAuth": True}}, "tls.clientAuth requires tls.enabled"),
+        ({"auth": {"insecure": False}}, "auth.insecure=false needs auth.enabled"),
     ],
 )
 def test_enabling_without_a_secret_fails_clearly(values: dict[str, Any], message: str) -> None:
     assert message in render_error(values)
+
+
+def test_insecure_is_explicit_and_only_where_nothing_authenticates(
+    default_objects: list[dict[str, Any]], production_objects: list[dict[str, Any]]
+) -> None:
+    """The service binds 0.0.0.0 in its pod and refuses to serve there unauthenticated
+    unless NOISESCORE_INSECURE is set: the dev defaults set it, auth or mTLS do not."""
+
+    def env(objects: list[dict[str, Any]]) -> dict[str, Any]:
+        (service,) = find(objects, "Deployment", "ns-noisescore")
+        return {e["name"]: e.get("value") for e in service["spec"]["template"]["spec"]
+                ["containers"][0]["env"]}  # fmt: skip
+
+    assert env(default_objects)["NOISESCORE_INSECURE"] == "true"
+    assert "NOISESCORE_INSECURE" not in env(production_objects)
+    assert "NOISESCORE_DATASET_ROOTS" not in env(default_objects)  # dataset names only
+    assert env(production_objects)["NOISESCORE_DATASET_ROOTS"] == (
+        '["s3://noisescore-artifacts/datasets"]'
+    )
+    mtls = {
+        "tls": {"enabled": True, "existingSecret": "tls", "clientAuth": True},
+        "auth": {"insecure": False},
+        "server": {"datasetRoots": ["s3://datasets/a", "/mnt"]},
+    }
+    rendered = env(render(mtls))
+    assert "NOISESCORE_INSECURE" not in rendered
+    from noisescore.settings import ServiceSettings
+
+    roots = ServiceSettings(dataset_roots=rendered["NOISESCORE_DATASET_ROOTS"]).dataset_roots
+    assert roots == ("/mnt", "s3://datasets/a")
 
 
 # --------------------------------------------------------------------------- schema
@@ -546,7 +580,13 @@ def test_optional_settings_render_where_they_belong() -> None:
     objects = render(
         {
             "server": {
-                "tuning": {"rpcThreads": 8, "maxMessageBytes": 8388608},
+                "tuning": {
+                    "rpcThreads": 8,
+                    "maxMessageBytes": 8388608,
+                    "maxWatches": 500,
+                    "maxInflightPixels": 33554432,
+                    "saturationGraceSeconds": 3,
+                },
                 "extraEnv": [{"name": "LOG_LEVEL", "value": "debug"}],
                 "podDisruptionBudget": {"enabled": True, "maxUnavailable": "25%"},
                 "serviceAccount": {"create": False, "name": "existing"},
@@ -575,6 +615,9 @@ def test_optional_settings_render_where_they_belong() -> None:
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
     assert env["NOISESCORE_RPC_THREADS"] == "8"
     assert env["NOISESCORE_MAX_MESSAGE_BYTES"] == "8388608"
+    assert env["NOISESCORE_MAX_WATCHES"] == "500"
+    assert env["NOISESCORE_MAX_INFLIGHT_PIXELS"] == "33554432"
+    assert env["NOISESCORE_SATURATION_GRACE"] == "3"
     assert env["NOISESCORE_TLS_CLIENT_CA"] == "/etc/noisescore/tls/ca.crt"
     assert env["LOG_LEVEL"] == "debug"
     (pdb,) = find(objects, "PodDisruptionBudget")

@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from noisescore.client import NoiseScoringClient
-from noisescore.jobs import JobStore
+from noisescore.jobs import LEASE, JobStore, Lease
 from noisescore.ml.data import load_dataset
 from noisescore.ml.export import ProbabilityModel, load_session
 from noisescore.service.app import App, create_app
@@ -252,6 +252,17 @@ def test_a_failing_job_says_why(client: NoiseScoringClient) -> None:
     assert "nosuchmnist" in error and "Traceback" not in error
 
 
+def test_getjob_gives_a_bare_dataset_name_as_a_uri(client: NoiseScoringClient) -> None:
+    """A job submitted with a bare name reads back in the URI form the proto documents."""
+    job = client.submit("NoSuchMNIST", epochs=1, warmup_epochs=1)  # fails fast: no training
+    assert job.spec.dataset_uri == "medmnist://nosuchmnist"
+    assert client.get(job.name).spec.dataset_uri == "medmnist://nosuchmnist"
+    listed = {j.name: j.spec.dataset_uri for j in client.list()}
+    assert listed[job.name] == "medmnist://nosuchmnist"
+    states = [e.state for e in client.watch(job.name, timeout=120)]
+    assert states[-1] == pb.Job.FAILED
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -296,7 +307,10 @@ def test_unfinished_job_is_a_failed_precondition(
     record = JobRecord(
         "queued-elsewhere", "QUEUED", {"dataset": "medmnist://breastmnist"}, "2026-01-01T00:00:00Z"
     )
-    JobStore(LocalStore(store_dir), record.job_id).put(RECORD, record.to_bytes())
+    job = JobStore(LocalStore(store_dir), record.job_id)
+    # Queued by a live process (this one holds its lease), so it stays QUEUED.
+    job.put(LEASE, Lease.of_process(record.job_id, os.getpid(), 60).to_bytes())
+    job.put(RECORD, record.to_bytes())
     code, details = _code(lambda: client.corrections(record.job_id))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "QUEUED" in details
 
@@ -670,3 +684,58 @@ def test_the_service_install_serves_without_the_training_runtime(
         assert process.wait(timeout=30) == 0
         done = subprocess.run([*probe, f"127.0.0.1:{health_port}", "--timeout", "1"])
         assert done.returncode == 1
+
+
+# --------------------------------------------------------------------------- detectors
+
+
+def test_corrections_carry_every_detector_score(client: NoiseScoringClient) -> None:
+    from noisescore.ml.detector_names import DETECTOR_NAMES
+
+    result = client.get(JOB).result
+    assert list(result.detectors) == [*DETECTOR_NAMES, "consensus"]
+    assert result.flagged_by == "linc" and result.HasField("bimodality")
+    assert set(result.detector_auroc) == {*DETECTOR_NAMES, "consensus"}
+    assert all(0.5 < v <= 1 for v in result.detector_auroc.values())
+    rows = list(client.corrections(f"jobs/{JOB}"))
+    expected = {*DETECTOR_NAMES, "consensus", "datamaps_variability", "data_iq_aleatoric"}
+    assert expected <= set(rows[0].detector_scores)
+    assert all(r.detector_scores["linc"] == r.trust for r in rows)
+    assert len({r.detector_scores["consensus"] for r in rows}) > 10  # real per-sample values
+
+
+def test_a_job_published_before_detectors_is_still_served(
+    client: NoiseScoringClient, store_dir: Path
+) -> None:
+    """trust.csv and report.json exactly as noisescore wrote them before the detectors."""
+    store = LocalStore(store_dir)
+    new, old = JobStore(store, JOB), JobStore(store, "pre-detectors")
+    manifest = new.read_manifest()
+    refs = []
+    for name in manifest["files"]:
+        data = new.get(name)
+        if name == "trust.csv":
+            lines = [",".join(line.split(",")[:7]) for line in data.decode().splitlines()]
+            data = ("\n".join(lines) + "\n").encode()
+        elif name == "report.json":
+            report = json.loads(data)
+            del report["detectors"]
+            for key in ("flag_by", "relabelled", "bimodality"):
+                del report["linc"][key]
+            data = json.dumps(report).encode()
+        refs.append(old.put(name, data))
+    extra = {k: v for k, v in manifest.items() if k not in ("format", "job_id", "created", "files")}
+    old.write_manifest(refs, **extra)
+    assert old.get("trust.csv").decode().splitlines()[0] == (
+        "index,sample_id,observed_label,trust,flagged,corrected_label,true_label"
+    )
+    job = client.get("pre-detectors")
+    assert job.state == pb.Job.SUCCEEDED and list(job.result.detectors) == []
+    assert job.result.flagged_by == "linc" and not job.result.correction_skipped
+    assert not job.result.HasField("bimodality") and not job.result.detector_auroc
+    rows = list(client.corrections("jobs/pre-detectors"))
+    current = list(client.corrections(f"jobs/{JOB}"))
+    assert len(rows) == N_TRAIN and all(not r.detector_scores for r in rows)
+    assert [(r.trust, r.flagged, r.corrected_label) for r in rows] == [
+        (r.trust, r.flagged, r.corrected_label) for r in current
+    ]

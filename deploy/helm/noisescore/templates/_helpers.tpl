@@ -175,6 +175,13 @@ Prefect API env (URL, and the Cloud API key by reference).
 {{- end }}
 
 {{/*
+"true" when callers of the gRPC API must authenticate (bearer tokens or mTLS), else "".
+*/}}
+{{- define "noisescore.authenticated" -}}
+{{- if or .Values.auth.enabled (and .Values.tls.enabled .Values.tls.clientAuth) }}true{{ end }}
+{{- end }}
+
+{{/*
 Checks that the schema cannot express across keys; included by the service Deployment.
 */}}
 {{- define "noisescore.validate" -}}
@@ -186,6 +193,9 @@ Checks that the schema cannot express across keys; included by the service Deplo
 {{- end }}
 {{- if and .Values.tls.clientAuth (not .Values.tls.enabled) }}
 {{- fail "tls.clientAuth requires tls.enabled" }}
+{{- end }}
+{{- if not (or (include "noisescore.authenticated" .) .Values.auth.insecure) }}
+{{- fail "auth.insecure=false needs auth.enabled (bearer tokens) or tls.clientAuth (mTLS): without either the service refuses to serve on the pod's address; set auth.insecure=true only where the NetworkPolicy is the access control" }}
 {{- end }}
 {{- if and .Values.server.podDisruptionBudget.enabled .Values.server.autoscaling.enabled }}
 {{- if lt (int .Values.server.autoscaling.minReplicas) 2 }}
