@@ -280,6 +280,13 @@ def _add_jobs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     submit.add_argument("--noise", default=None, help="KIND:RATE injected for evaluation")
     submit.add_argument("--device", default="", choices=["", "auto", "cpu", "cuda"])
     submit.add_argument("--idempotency-key", default="", help="same key, same job")
+    submit.add_argument(
+        "--detectors", default="", help="NAME,NAME recorded during warm-up (default: all)"
+    )
+    submit.add_argument(
+        "--flag-by", default="", help="linc (default), consensus or a detector name"
+    )
+    submit.add_argument("--cl-folds", type=int, default=0, help="out-of-fold CL trainings")
     submit.add_argument("--wait", action="store_true", help="wait until the job ends")
     for name, text in (
         ("get", "show a job"),
@@ -302,6 +309,11 @@ def _add_results(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     p.add_argument("job", metavar="JOB")
     p.add_argument("--only-flagged", action="store_true")
+    p.add_argument(
+        "--detector-scores",
+        action="store_true",
+        help="add one column per detector score (and consensus) after the base columns",
+    )
     _add_client_flags(p)
     p = sub.add_parser(
         "score",
@@ -725,7 +737,8 @@ def _jobs(args: argparse.Namespace) -> int:
                 args.dataset, model=args.model, epochs=args.epochs,
                 warmup_epochs=args.warmup_epochs, alpha_lr=args.alpha_lr, alpha_wd=args.alpha_wd,
                 seed=args.seed, noise=args.noise, idempotency_key=args.idempotency_key,
-                device=args.device,
+                device=args.device, detectors=[d for d in args.detectors.split(",") if d],
+                flag_by=args.flag_by, cl_folds=args.cl_folds,
             )  # fmt: skip
             if args.wait:
                 job = client.wait(job.name)
@@ -760,13 +773,22 @@ def _corrections(args: argparse.Namespace) -> int:
     import csv
 
     writer = csv.writer(sys.stdout, lineterminator="\n")
-    writer.writerow(["index", "sample_id", "observed_label", "trust", "flagged", "corrected_label"])
+    base = ["index", "sample_id", "observed_label", "trust", "flagged", "corrected_label"]
+    names: list[str] | None = None
     with _client(args) as client:
-        for c in client.corrections(args.job, only_flagged=args.only_flagged):
+        rows = client.corrections(
+            args.job, only_flagged=args.only_flagged, detector_scores=args.detector_scores
+        )
+        for c in rows:
+            if names is None:  # the first row says which detectors the job has
+                names = sorted(c.detector_scores) if args.detector_scores else []
+                writer.writerow(base + names)
             writer.writerow(
                 [c.index, c.sample_id, c.observed_label, f"{c.trust:.6f}", int(c.flagged),
-                 c.corrected_label]
+                 c.corrected_label, *(f"{c.detector_scores[n]:.6f}" for n in names)]
             )  # fmt: skip
+    if names is None:  # no rows: the header alone
+        writer.writerow(base)
     return 0
 
 

@@ -127,11 +127,16 @@ class NoiseScoringClient:
         noise: str | None = None,
         idempotency_key: str = "",
         device: str = "",
+        detectors: Sequence[str] = (),
+        flag_by: str = "",
+        cl_folds: int = 0,
     ) -> pb.Job:
-        """Start a cleaning job; ``noise`` is ``KIND:RATE`` for evaluation runs."""
+        """Start a cleaning job; ``noise`` is ``KIND:RATE`` for evaluation runs;
+        ``detectors`` empty = all, ``flag_by`` empty = ``linc``."""
         spec = pb.CleaningJobSpec(
             dataset_uri=dataset_uri, model=model, epochs=epochs, warmup_epochs=warmup_epochs,
             alpha_lr=alpha_lr, alpha_wd=alpha_wd, idempotency_key=idempotency_key, device=device,
+            detectors=list(detectors), flag_by=flag_by, cl_folds=cl_folds,
         )  # fmt: skip
         if seed is not None:
             spec.seed = seed
@@ -177,9 +182,16 @@ class NoiseScoringClient:
 
     # ------------------------------------------------------------------- results
 
-    def corrections(self, job: str, *, only_flagged: bool = False) -> Iterator[pb.Correction]:
-        """Every training sample's trust, flag and corrected label (streamed)."""
-        request = pb.StreamCorrectionsRequest(job=job_name(job), only_flagged=only_flagged)
+    def corrections(
+        self, job: str, *, only_flagged: bool = False, detector_scores: bool = False
+    ) -> Iterator[pb.Correction]:
+        """Every training sample's trust, flag and corrected label (streamed);
+        ``detector_scores`` adds every detector's score to each row (``CORRECTION_VIEW_FULL``).
+        """
+        view = pb.CORRECTION_VIEW_FULL if detector_scores else pb.CORRECTION_VIEW_BASIC
+        request = pb.StreamCorrectionsRequest(
+            job=job_name(job), only_flagged=only_flagged, view=view
+        )
         for chunk in self.stub.StreamCorrections(request, metadata=self.metadata):
             yield from chunk.corrections
 

@@ -297,6 +297,14 @@ def spec_to_settings_fields(spec: pb.CleaningJobSpec) -> dict[str, Any]:
         raise RequestError("spec.noise.rate is set but spec.noise.kind is empty")
     if spec.device:
         fields["device"] = spec.device
+    if spec.detectors:
+        fields["detectors"] = ",".join(spec.detectors)
+    if spec.flag_by:
+        fields["flag_by"] = spec.flag_by
+    if spec.cl_folds < 0:
+        raise RequestError(f"spec.cl_folds must be 0 (off) or at least 2, got {spec.cl_folds}")
+    if spec.cl_folds:
+        fields["cl_folds"] = spec.cl_folds
     return fields
 
 
@@ -332,6 +340,10 @@ def settings_to_spec(fields: dict[str, Any], idempotency_key: str) -> pb.Cleanin
     if fields.get("noise"):
         kind, _, rate = str(fields["noise"]).partition(":")
         spec.noise.kind, spec.noise.rate = kind, float(rate or 0)
+    if fields.get("detectors", "all") != "all":
+        spec.detectors.extend(str(fields["detectors"]).split(","))
+    spec.flag_by = str(fields.get("flag_by", ""))
+    spec.cl_folds = int(fields.get("cl_folds", 0))
     return spec
 
 
@@ -381,10 +393,11 @@ class CorrectionTable:
             detector_scores=scores,
         )
 
-    def rows(self, indices: np.ndarray) -> list[pb.Correction]:
+    def rows(self, indices: np.ndarray, *, full: bool = False) -> list[pb.Correction]:
+        """``full``: with ``detector_scores`` (``CORRECTION_VIEW_FULL``)."""
         ids, obs, trust = self.sample_id, self.observed, self.trust
-        flagged, corrected, scores = self.flagged, self.corrected, self.detector_scores
-        return [
+        flagged, corrected = self.flagged, self.corrected
+        rows = [
             pb.Correction(
                 index=int(i),
                 sample_id=ids[i],
@@ -392,10 +405,23 @@ class CorrectionTable:
                 trust=float(trust[i]),
                 flagged=bool(flagged[i]),
                 corrected_label=int(corrected[i]),
-                detector_scores={name: float(v[i]) for name, v in scores.items()},
             )
             for i in indices.tolist()
         ]
+        if full and self.detector_scores:
+            for row, i in zip(rows, indices.tolist(), strict=True):
+                row.detector_scores.update(
+                    {name: float(v[i]) for name, v in self.detector_scores.items()}
+                )
+        return rows
+
+
+def _full_view(view: int) -> bool:
+    """Whether a ``CorrectionView`` asks for ``detector_scores``; unknown values are errors."""
+    if view not in pb.CorrectionView.values():
+        names = ", ".join(pb.CorrectionView.keys())
+        raise RequestError(f"view must be one of {names}, got {view}")
+    return view == pb.CORRECTION_VIEW_FULL
 
 
 class _LRU:
@@ -774,10 +800,11 @@ class NoiseScoringServicer(pb_grpc.NoiseScoringServicer):
         expected = {"j": job_id, "f": request.only_flagged}
         offset = _decode_token(request.page_token, expected)
         self._succeeded(job_id)
+        full = _full_view(request.view)
         indices = self._corrections_indices(self._table(job_id), request.only_flagged)
         page = indices[offset : offset + size]
         response = pb.GetCorrectionsResponse(
-            corrections=self._table(job_id).rows(page), total_size=len(indices)
+            corrections=self._table(job_id).rows(page, full=full), total_size=len(indices)
         )
         if offset + size < len(indices):
             response.next_page_token = _encode_token({**expected, "o": offset + size})
@@ -791,15 +818,15 @@ class NoiseScoringServicer(pb_grpc.NoiseScoringServicer):
         chunk = request.chunk_size or DEFAULT_CHUNK
         if not 1 <= chunk <= MAX_CORRECTIONS_PAGE:
             raise RequestError(f"chunk_size must lie in [1, {MAX_CORRECTIONS_PAGE}], got {chunk}")
+        full = _full_view(request.view)
         self._succeeded(job_id)
         table = self._table(job_id)
         indices = self._corrections_indices(table, request.only_flagged)
         for start in range(0, max(len(indices), 1), chunk):
             if not context.is_active():
                 return
-            yield pb.GetCorrectionsResponse(
-                corrections=table.rows(indices[start : start + chunk]), total_size=len(indices)
-            )
+            rows = table.rows(indices[start : start + chunk], full=full)
+            yield pb.GetCorrectionsResponse(corrections=rows, total_size=len(indices))
 
     @unary
     def ScoreLabels(

@@ -4,6 +4,7 @@ a real BreastMNIST job produced by the clean-labels flow, jobs run by the servic
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import json
 import os
@@ -284,6 +285,10 @@ def test_error_codes(
         (lambda: submit(breast, noise="gaussian:0.1"), invalid, "noise.kind"),
         (lambda: submit(breast, noise="uniform:1.5"), invalid, "noise.rate"),
         (lambda: submit(breast, model="no_such_net"), invalid, "no_such_net"),
+        (lambda: submit(breast, detectors=["linc", "vog"]), invalid, "valid detectors: linc, aum"),
+        (lambda: submit(breast, detectors=["linc"], flag_by="aum"), invalid, "flag_by"),
+        (lambda: submit(breast, cl_folds=-1), invalid, "cl_folds"),
+        (lambda: submit(breast, cl_folds=1), invalid, "cl_folds"),
         (lambda: stub.ListJobs(pb.ListJobsRequest(page_size=5000)), invalid, "page_size"),
         (lambda: stub.ListJobs(pb.ListJobsRequest(page_token="garbage")), invalid, "page_token"),
         (lambda: stub.GetCorrections(corrections), invalid, "page_size"),
@@ -531,6 +536,11 @@ def test_cli_verbs_against_the_server(
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "index,sample_id,observed_label,trust,flagged,corrected_label"
     assert all(line.split(",")[4] == "1" for line in lines[1:]) and len(lines) > 1
+    assert main(["corrections", JOB, "--detector-scores", *server]) == 0
+    full = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert full[0][:6] == lines[0].split(",") and {"consensus", "linc", "aum"} <= set(full[0])
+    linc = full[0].index("linc")
+    assert all(row[linc] == row[3] for row in full[1:]) and len(full) == N_TRAIN + 1
     images, labels = test_images
     manifest = tmp_path / "new.csv"
     rows = ["path,label"]
@@ -697,7 +707,17 @@ def test_corrections_carry_every_detector_score(client: NoiseScoringClient) -> N
     assert result.flagged_by == "linc" and result.HasField("bimodality")
     assert set(result.detector_auroc) == {*DETECTOR_NAMES, "consensus"}
     assert all(0.5 < v <= 1 for v in result.detector_auroc.values())
-    rows = list(client.corrections(f"jobs/{JOB}"))
+    # The default (BASIC) view leaves them out: they make every row ~8x larger.
+    assert all(not r.detector_scores for r in client.corrections(f"jobs/{JOB}"))
+    rows = list(client.corrections(f"jobs/{JOB}", detector_scores=True))
+    page = client.stub.GetCorrections(
+        pb.GetCorrectionsRequest(job=f"jobs/{JOB}", page_size=3, view=pb.CORRECTION_VIEW_FULL)
+    ).corrections
+    assert [dict(r.detector_scores) for r in page] == [dict(r.detector_scores) for r in rows[:3]]
+    code, details = _code(
+        lambda: client.stub.GetCorrections(pb.GetCorrectionsRequest(job=f"jobs/{JOB}", view=7))
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "CORRECTION_VIEW_FULL" in details
     expected = {*DETECTOR_NAMES, "consensus", "datamaps_variability", "data_iq_aleatoric"}
     assert expected <= set(rows[0].detector_scores)
     assert all(r.detector_scores["linc"] == r.trust for r in rows)
@@ -733,9 +753,24 @@ def test_a_job_published_before_detectors_is_still_served(
     assert job.state == pb.Job.SUCCEEDED and list(job.result.detectors) == []
     assert job.result.flagged_by == "linc" and not job.result.correction_skipped
     assert not job.result.HasField("bimodality") and not job.result.detector_auroc
-    rows = list(client.corrections("jobs/pre-detectors"))
+    rows = list(client.corrections("jobs/pre-detectors", detector_scores=True))
     current = list(client.corrections(f"jobs/{JOB}"))
     assert len(rows) == N_TRAIN and all(not r.detector_scores for r in rows)
     assert [(r.trust, r.flagged, r.corrected_label) for r in rows] == [
         (r.trust, r.flagged, r.corrected_label) for r in current
     ]
+
+
+def test_a_spec_chooses_detectors_and_what_flags() -> None:
+    """The job spec's detector fields become the job's settings and come back in GetJob."""
+    from noisescore.service.servicer import settings_to_spec, spec_to_settings_fields
+
+    spec = pb.CleaningJobSpec(
+        dataset_uri="medmnist://breastmnist", detectors=["linc", "aum"], flag_by="aum", cl_folds=3
+    )
+    fields = spec_to_settings_fields(spec)
+    assert (fields["detectors"], fields["flag_by"], fields["cl_folds"]) == ("linc,aum", "aum", 3)
+    assert settings_to_spec(fields, "") == spec
+    default = spec_to_settings_fields(pb.CleaningJobSpec(dataset_uri="medmnist://breastmnist"))
+    assert not {"detectors", "flag_by", "cl_folds"} & set(default)
+    assert list(settings_to_spec(default, "").detectors) == []

@@ -10,8 +10,17 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class CorrectionView(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CORRECTION_VIEW_UNSPECIFIED: _ClassVar[CorrectionView]
+    CORRECTION_VIEW_BASIC: _ClassVar[CorrectionView]
+    CORRECTION_VIEW_FULL: _ClassVar[CorrectionView]
+CORRECTION_VIEW_UNSPECIFIED: CorrectionView
+CORRECTION_VIEW_BASIC: CorrectionView
+CORRECTION_VIEW_FULL: CorrectionView
+
 class CleaningJobSpec(_message.Message):
-    __slots__ = ("dataset_uri", "model", "epochs", "warmup_epochs", "alpha_lr", "alpha_wd", "seed", "noise", "idempotency_key", "device")
+    __slots__ = ("dataset_uri", "model", "epochs", "warmup_epochs", "alpha_lr", "alpha_wd", "seed", "noise", "idempotency_key", "device", "detectors", "flag_by", "cl_folds")
     DATASET_URI_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +31,9 @@ class CleaningJobSpec(_message.Message):
     NOISE_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DETECTORS_FIELD_NUMBER: _ClassVar[int]
+    FLAG_BY_FIELD_NUMBER: _ClassVar[int]
+    CL_FOLDS_FIELD_NUMBER: _ClassVar[int]
     dataset_uri: str
     model: str
     epochs: int
@@ -32,7 +44,10 @@ class CleaningJobSpec(_message.Message):
     noise: NoiseInjection
     idempotency_key: str
     device: str
-    def __init__(self, dataset_uri: _Optional[str] = ..., model: _Optional[str] = ..., epochs: _Optional[int] = ..., warmup_epochs: _Optional[int] = ..., alpha_lr: _Optional[float] = ..., alpha_wd: _Optional[float] = ..., seed: _Optional[int] = ..., noise: _Optional[_Union[NoiseInjection, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+    detectors: _containers.RepeatedScalarFieldContainer[str]
+    flag_by: str
+    cl_folds: int
+    def __init__(self, dataset_uri: _Optional[str] = ..., model: _Optional[str] = ..., epochs: _Optional[int] = ..., warmup_epochs: _Optional[int] = ..., alpha_lr: _Optional[float] = ..., alpha_wd: _Optional[float] = ..., seed: _Optional[int] = ..., noise: _Optional[_Union[NoiseInjection, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., device: _Optional[str] = ..., detectors: _Optional[_Iterable[str]] = ..., flag_by: _Optional[str] = ..., cl_folds: _Optional[int] = ...) -> None: ...
 
 class NoiseInjection(_message.Message):
     __slots__ = ("kind", "rate")
@@ -192,26 +207,30 @@ class JobEvent(_message.Message):
     def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[Job.State, str]] = ..., stage: _Optional[str] = ..., epoch: _Optional[int] = ..., epochs: _Optional[int] = ..., loss: _Optional[float] = ..., trust_mean: _Optional[float] = ..., flagged_fraction: _Optional[float] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class GetCorrectionsRequest(_message.Message):
-    __slots__ = ("job", "page_size", "page_token", "only_flagged")
+    __slots__ = ("job", "page_size", "page_token", "only_flagged", "view")
     JOB_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     ONLY_FLAGGED_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
     job: str
     page_size: int
     page_token: str
     only_flagged: bool
-    def __init__(self, job: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., only_flagged: _Optional[bool] = ...) -> None: ...
+    view: CorrectionView
+    def __init__(self, job: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., only_flagged: _Optional[bool] = ..., view: _Optional[_Union[CorrectionView, str]] = ...) -> None: ...
 
 class StreamCorrectionsRequest(_message.Message):
-    __slots__ = ("job", "only_flagged", "chunk_size")
+    __slots__ = ("job", "only_flagged", "chunk_size", "view")
     JOB_FIELD_NUMBER: _ClassVar[int]
     ONLY_FLAGGED_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
     job: str
     only_flagged: bool
     chunk_size: int
-    def __init__(self, job: _Optional[str] = ..., only_flagged: _Optional[bool] = ..., chunk_size: _Optional[int] = ...) -> None: ...
+    view: CorrectionView
+    def __init__(self, job: _Optional[str] = ..., only_flagged: _Optional[bool] = ..., chunk_size: _Optional[int] = ..., view: _Optional[_Union[CorrectionView, str]] = ...) -> None: ...
 
 class Correction(_message.Message):
     __slots__ = ("index", "sample_id", "observed_label", "trust", "flagged", "corrected_label", "detector_scores")
