@@ -62,6 +62,7 @@ def plan() -> list[dict[str, Any]]:
     add("bloodmnist", ("uniform:0.5", "symmetric:0.4", "instance:0.4"), (0,))
     add("pneumoniamnist", ("uniform:0.5", "symmetric:0.4"), (1, 2))
     add("bloodmnist", ("uniform:0.0", "uniform:0.1"), (0,))
+    add("bloodmnist", ("uniform:0.5", "symmetric:0.4", "instance:0.4"), (1, 2))
     return runs
 
 

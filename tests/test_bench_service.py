@@ -77,6 +77,7 @@ def test_bench_service_writes_outputs(tmp_path: Path, data_dir: Path) -> None:
     assert large["synthetic"] is True and large["rows"] == 5000
     for kind in ("stream", "paged"):
         assert large[kind]["cold_median_s"] > 0 and large[kind]["warm_median_s"] > 0
+    assert large["stream_full"]["warm_median_s"] > 0
     assert isinstance(large["target_met"], bool)
     assert summary["server_frozen_objects"] > 0  # the server child reported back (gc.freeze)
 
