@@ -757,9 +757,11 @@ class JobManager:
         lease = Lease.of_process(job_id, pid, self.lease_ttl, running.lease_started)
         running.lease_started = lease.started
         with self._lease_lock:
-            with self._lock:
-                if job_id not in self._running:
-                    return
+            # A plain membership test (atomic under the GIL), not under self._lock: _enqueue
+            # takes self._lock and then this lock, so taking them the other way round here
+            # deadlocked a heartbeat against a submission.
+            if job_id not in self._running:
+                return
             self._job(job_id).put(LEASE, lease.to_bytes(), content_type="application/json")
 
     def _drop_lease(self, job_id: str) -> None:
