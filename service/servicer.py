@@ -397,6 +397,7 @@ class CorrectionTable:
         """``full``: with ``detector_scores`` (``CORRECTION_VIEW_FULL``)."""
         ids, obs, trust = self.sample_id, self.observed, self.trust
         flagged, corrected = self.flagged, self.corrected
+        order = indices.tolist()
         rows = [
             pb.Correction(
                 index=int(i),
@@ -406,10 +407,10 @@ class CorrectionTable:
                 flagged=bool(flagged[i]),
                 corrected_label=int(corrected[i]),
             )
-            for i in indices.tolist()
+            for i in order
         ]
         if full and self.detector_scores:
-            for row, i in zip(rows, indices.tolist(), strict=True):
+            for row, i in zip(rows, order, strict=True):
                 row.detector_scores.update(
                     {name: float(v[i]) for name, v in self.detector_scores.items()}
                 )
