@@ -46,7 +46,12 @@ from noisescore.ml.data import Dataset
 from noisescore.ml.export import ParityReport, export_with_parity
 from noisescore.ml.linc import Correction
 from noisescore.ml.outputs import json_bytes, model_checkpoint, npy_bytes, trust_csv
-from noisescore.settings import CleanSettings, StoreSettings, format_settings_error
+from noisescore.settings import (
+    CleanSettings,
+    StoreSettings,
+    TrainingSettings,
+    format_settings_error,
+)
 from noisescore.storage import ArtifactRef, StorageUnavailable, open_store
 
 WARMUP_CHECKPOINT = "checkpoints/warmup.pt"
@@ -109,22 +114,31 @@ class Progress:
     metrics (when ``NOISESCORE_PUSHGATEWAY`` is set) and ``progress.json`` in the store
     (the latest event per stage, for the service's ``WatchJob``)."""
 
-    def __init__(self, job: JobStore, settings: CleanSettings):
+    def __init__(self, job: JobStore, settings: TrainingSettings):
         self.job = job
         self.epochs = settings.epochs
         self.metrics = JobMetrics(job.job_id)
         self.events: dict[str, dict[str, Any]] = {}
         self.artifact_id: UUID | None = None
+        #: The state pushed when the tracked block ends normally (an active-clean run that
+        #: stops for an expert sets ``waiting_for_labels``).
+        self.outcome = "succeeded"
 
     @contextmanager
     def tracking(self) -> Iterator[None]:
-        """The job's state in the pushed metrics: running, then succeeded or failed."""
+        """The job's state in the pushed metrics: running, then succeeded or failed
+        (``waiting_for_labels`` when a deployment run suspends for an expert)."""
+        from prefect.exceptions import Pause
+
         try:
             yield
+        except Pause:
+            self.metrics.finish("waiting_for_labels")
+            raise
         except BaseException:
             self.metrics.finish("failed")
             raise
-        self.metrics.finish("succeeded")
+        self.metrics.finish(self.outcome)
 
     def hook(self, stage: str, n_samples: int) -> MetricsHook:
         return MetricsHook(

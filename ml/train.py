@@ -108,6 +108,8 @@ class Step:
     epoch : int
     features : torch.Tensor or None, shape (B, D), float32
         Input of the final linear layer, detached; only when a hook sets ``needs_features``.
+    peer_logits : tuple of torch.Tensor
+        The other models' logits (``trainer.models[1:]``), detached; empty with one model.
     """
 
     idx: torch.Tensor
@@ -115,6 +117,7 @@ class Step:
     labels: torch.Tensor
     epoch: int
     features: torch.Tensor | None = None
+    peer_logits: tuple[torch.Tensor, ...] = ()
 
 
 def final_linear(model: nn.Module) -> nn.Linear:
@@ -129,6 +132,38 @@ def final_linear(model: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
+@dataclass
+class Batch:
+    """One mini-batch's forward pass through every model, handed to :meth:`Hook.batch_loss`.
+
+    Attributes
+    ----------
+    idx : torch.Tensor, shape (B,), int64
+        Indices of the batch's samples in the training set.
+    labels : torch.Tensor, shape (B,), int64
+        ``trainer.labels[idx]``.
+    epoch : int
+    logits : tuple of torch.Tensor, each (B, C), float32
+        One per model of ``trainer.models`` (index 0 is ``trainer.model``), with gradients.
+    features : tuple of (torch.Tensor or None), each (B, D), float32
+        Each model's final-layer input, detached; ``None`` unless a hook ``needs_features``.
+    """
+
+    idx: torch.Tensor
+    labels: torch.Tensor
+    epoch: int
+    logits: tuple[torch.Tensor, ...]
+    features: tuple[torch.Tensor | None, ...]
+    _ce: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def per_sample_ce(self, model: int = 0) -> torch.Tensor:
+        """Cross-entropy of model ``model`` per sample against ``labels``, shape (B,), with
+        gradients (computed once per batch and model)."""
+        if model not in self._ce:
+            self._ce[model] = F.cross_entropy(self.logits[model], self.labels, reduction="none")
+        return self._ce[model]
+
+
 class Hook:
     """What a method adds to the loop. Every method is a no-op by default.
 
@@ -136,10 +171,20 @@ class Hook:
     ``trainer.labels``; the first hook that returns one wins. ``on_step`` sees every
     step's detached logits (and, when ``needs_features`` is true, the final layer's
     input): what per-sample detectors record, without a second forward pass.
+
+    A method that trains several networks (Co-teaching, JoCoR, DivideMix) lists the
+    extra ones in ``extra_models``: the loop moves them to the device, runs every batch
+    through all of them, optimises all of them (one Adam over every parameter, which is
+    one Adam per model: its state is per parameter) and saves them with the trainer. Such
+    a method overrides :meth:`batch_loss`, which sees every model's logits; the sum it
+    returns gives each model the gradient of its own term (the models share no
+    parameter).
     """
 
     #: Ask the trainer to capture the input of the model's final linear layer.
     needs_features: bool = False
+    #: Networks this hook owns, trained by the loop beside ``trainer.model``.
+    extra_models: Sequence[nn.Module] = ()
 
     def on_train_start(self, trainer: Trainer) -> None: ...
 
@@ -149,6 +194,13 @@ class Hook:
         self, trainer: Trainer, logits: torch.Tensor, idx: torch.Tensor, epoch: int
     ) -> torch.Tensor | None:
         return None
+
+    def batch_loss(self, trainer: Trainer, batch: Batch) -> torch.Tensor | None:
+        """The loss of every model at once; by default :meth:`loss` of ``trainer.model``
+        (a one-model method need not know about this)."""
+        if len(batch.logits) != 1:
+            return None
+        return self.loss(trainer, batch.logits[0], batch.idx, batch.epoch)
 
     def after_step(self, trainer: Trainer, idx: torch.Tensor, epoch: int) -> None: ...
 
@@ -220,18 +272,25 @@ class Trainer:
     ):
         self.device = images.device
         self.model = model.to(self.device)
+        self.hooks = list(hooks)
+        extra = [m.to(self.device) for h in self.hooks for m in h.extra_models]
+        #: Every network the loop trains: ``model`` first, then the hooks' extra ones.
+        self.models: list[nn.Module] = [self.model, *extra]
         if images.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            for m in self.models:
+                m.to(memory_format=torch.channels_last)
         self.images = images
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=self.device)
         if len(self.labels) != len(images):
             raise ValueError(f"{len(images)} images but {len(self.labels)} labels")
         self.config = config
-        self.hooks = list(hooks)
         self.progress = progress
         self.desc = desc
+        # One Adam over every model's parameters is one Adam per model (state per parameter).
         self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+            [p for m in self.models for p in m.parameters()],
+            lr=config.lr,
+            weight_decay=config.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, milestones=config.milestones(), gamma=config.lr_gamma
@@ -246,17 +305,25 @@ class Trainer:
         self._autocast = self.device.type == "cuda"
         overridden = [h for h in self.hooks if type(h).on_step is not Hook.on_step]
         self._step_hooks = overridden
-        self._features: torch.Tensor | None = None
-        if any(h.needs_features for h in self.hooks):
-            final_linear(self.model).register_forward_pre_hook(self._capture_features)
+        self._features: dict[int, torch.Tensor] = {}
+        self._wants_features = any(h.needs_features for h in self.hooks)
+        if self._wants_features:
+            for k, m in enumerate(self.models):
+                final_linear(m).register_forward_pre_hook(self._feature_capture(k))
 
-    def _capture_features(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        if module.training:  # the training pass only, not predict_logits
-            self._features = args[0].detach()
+    def _feature_capture(self, k: int) -> Any:
+        def capture(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            if module.training:  # the training pass only, not predict_logits
+                self._features[k] = args[0].detach()
 
-    def _take_features(self) -> torch.Tensor | None:
-        features, self._features = self._features, None
-        return None if features is None else features.float().flatten(1)
+        return capture
+
+    def _take_features(self) -> tuple[torch.Tensor | None, ...]:
+        features, self._features = self._features, {}
+        return tuple(
+            None if (f := features.get(k)) is None else f.float().flatten(1)
+            for k in range(len(self.models))
+        )
 
     @property
     def n_samples(self) -> int:
@@ -281,34 +348,43 @@ class Trainer:
         return batches
 
     def train_epoch(self, epoch: int) -> EpochStats:
-        self.model.train()
+        for m in self.models:
+            m.train()
         for hook in self.hooks:
             hook.on_epoch_start(self, epoch)
         start = time.perf_counter()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen = 0
+        single = len(self.models) == 1
         for idx in self._batches():
             x = self.images.batch(idx)
             if self.config.augment:
                 x = self._augment(x)
             with self.autocast():
-                logits = self.model(x)
-            logits = logits.float()
+                outputs = [m(x) for m in self.models]
+            logits_all = tuple(o.float() for o in outputs)
+            logits = logits_all[0]
+            features = self._take_features()
+            batch = Batch(idx, self.labels[idx], epoch, logits_all, features)
             loss = None
             for hook in self.hooks:
-                loss = hook.loss(self, logits, idx, epoch)
+                loss = hook.batch_loss(self, batch)
                 if loss is not None:
                     break
             if loss is None:
-                loss = F.cross_entropy(logits, self.labels[idx])
+                if single:
+                    loss = F.cross_entropy(logits, batch.labels)
+                else:
+                    loss = torch.stack([F.cross_entropy(z, batch.labels) for z in logits_all]).sum()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             for hook in self.hooks:
                 hook.after_step(self, idx, epoch)
             if self._step_hooks:
-                step = Step(idx, logits.detach(), self.labels[idx], epoch, self._take_features())
+                peers = tuple(z.detach() for z in logits_all[1:])
+                step = Step(idx, logits.detach(), self.labels[idx], epoch, features[0], peers)
                 for hook in self._step_hooks:
                     hook.on_step(self, step)
             loss_sum += loss.detach() * len(idx)
@@ -367,7 +443,8 @@ class Trainer:
         """Everything needed to resume: weights, optimizer, LR schedule, batch order."""
         return {
             "epoch": self.epoch,
-            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "model": _cpu_state(self.model),
+            "extra_models": [_cpu_state(m) for m in self.models[1:]],
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "generator": self._generator.get_state(),
@@ -376,7 +453,14 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        extra = state.get("extra_models", [])
+        if len(extra) != len(self.models) - 1:
+            raise ValueError(
+                f"the state holds {1 + len(extra)} models, this trainer trains {len(self.models)}"
+            )
         self.model.load_state_dict(state["model"])
+        for m, m_state in zip(self.models[1:], extra, strict=True):
+            m.load_state_dict(m_state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self._generator.set_state(state["generator"])
@@ -385,17 +469,26 @@ class Trainer:
         self.history = [EpochStats.from_dict(h) for h in state["history"]]
 
     @torch.no_grad()
-    def predict_logits(self, images: DeviceImages, *, batch_size: int = 1024) -> torch.Tensor:
-        """Logits (float32, on the device) of ``images`` in eval mode."""
-        was_training = self.model.training
-        self.model.eval()
+    def predict_logits(
+        self, images: DeviceImages, *, batch_size: int = 1024, model: int = 0
+    ) -> torch.Tensor:
+        """Logits (float32, on the device) of ``images`` in eval mode, from
+        ``self.models[model]``."""
+        net = self.models[model]
+        was_training = net.training
+        net.eval()
         outputs = []
         for start in range(0, len(images), batch_size):
             with self.autocast():
-                outputs.append(self.model(images.batch(slice(start, start + batch_size))).float())
-        self.model.train(was_training)
+                outputs.append(net(images.batch(slice(start, start + batch_size))).float())
+        net.train(was_training)
         return torch.cat(outputs) if outputs else torch.empty(0, device=self.device)
 
-    def predict_proba(self, images: DeviceImages) -> np.ndarray:
+    def predict_proba(self, images: DeviceImages, *, model: int = 0) -> np.ndarray:
         """Class probabilities, shape (N, C), float64 numpy."""
-        return torch.softmax(self.predict_logits(images), dim=1).double().cpu().numpy()
+        logits = self.predict_logits(images, model=model)
+        return torch.softmax(logits, dim=1).double().cpu().numpy()
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

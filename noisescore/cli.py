@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -21,6 +22,7 @@ from pydantic import ValidationError
 from noisescore import __version__
 from noisescore.jobs import validate_job_id
 from noisescore.ml.detector_names import DETECTOR_NAMES, ETA_MIN
+from noisescore.ml.method_names import SAMPLER_NAMES, SELECTION_METHODS
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
@@ -39,35 +41,8 @@ NO_PREFECT_API = (
 
 def _add_settings_flags(p: argparse.ArgumentParser) -> None:
     """One flag per :class:`CleanSettings` field (defaults suppressed so env vars apply)."""
-    p.add_argument(
-        "--dataset",
-        help="medmnist://NAME, file:///PATH.npz|.csv, s3://BUCKET/KEY, a MedMNIST name or a path",
-    )
-    p.add_argument(
-        "--data-dir",
-        help="where names are looked up (default: $NOISESCORE_DATA_DIR, ../shared/data, ./data)",
-    )
-    p.add_argument("--image-size", type=int, help="resize images to this square size")
-    p.add_argument(
-        "--noise",
-        help="inject noise KIND:RATE for evaluation: symmetric, uniform, "
-        "pairflip, instance (e.g. uniform:0.5), or asymmetric:FILE",
-    )
-    p.add_argument("--noise-val", action="store_true", help="inject noise into val too")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--epochs", type=int, help="total epochs (default 100)")
+    _add_training_flags(p, epochs="total epochs (default 100)")
     p.add_argument("--warmup-epochs", type=int, help="LiNC warm-up epochs (default 10)")
-    p.add_argument("--model", help="timm model name (default noisescore_cnn)")
-    p.add_argument("--checkpoint", help="local pretrained weights for --model")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-4)")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument(
-        "--lr-milestones",
-        type=lambda s: tuple(int(x) for x in s.split(",")),
-        help="comma-separated epochs where the LR drops x0.1 (default E/2,3E/4)",
-    )
-    p.add_argument("--augment", action="store_true", help="random horizontal flips")
     p.add_argument("--alpha-lr", type=float, help="LiNC trust learning rate (default 1)")
     p.add_argument("--alpha-wd", type=float, help="LiNC trust weight decay (default 1e-3)")
     p.add_argument(
@@ -78,7 +53,6 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--baseline", action="store_true", help="also train plain cross-entropy with the same seed"
     )
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument(
         "--detectors",
         help="label-noise detectors recorded during warm-up: all (default) or a comma list "
@@ -101,6 +75,85 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
         help="relabel only when the flagging score's Otsu between-class variance ratio "
         f"reaches this (default {ETA_MIN}; 0 = always relabel)",
     )
+
+
+def _add_active_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per :class:`ActiveSettings` field (defaults suppressed so env vars apply)."""
+    _add_training_flags(p, epochs="epochs of the clean-set selection (default 40)")
+    p.add_argument(
+        "--imbalance",
+        type=float,
+        help="draw a long-tailed train subset with ratio r (N_c = N_0 r^(-c/(C-1)), e.g. 100)",
+    )
+    p.add_argument(
+        "--lnl-method",
+        help=f"clean-set selection: {', '.join(SELECTION_METHODS)} (default coteaching_vog)",
+    )
+    p.add_argument(
+        "--forget-rate",
+        type=float,
+        help="Co-teaching's final forget rate (default: the injected noise rate)",
+    )
+    p.add_argument("--t-k", type=int, help="epochs the forget rate ramps over (default 10)")
+    p.add_argument(
+        "--mix-ratio", type=float, help="share of kept samples chosen by VOG (default 0.2)"
+    )
+    p.add_argument("--vog-window", type=int, help="epochs of gradients VOG uses (default 5)")
+    p.add_argument("--vog-warmup", type=int, help="plain Co-teaching epochs first (default 10)")
+    p.add_argument("--vog-mode", choices=["exact", "ewma"], help="VOG window (default exact)")
+    p.add_argument(
+        "--select-last", type=int, help="clean set = union of the last N epochs' picks (1)"
+    )
+    p.add_argument("--clean-epochs", type=int, help="training on the clean set (default 30)")
+    p.add_argument(
+        "--sampler", help=f"ranks suspects: {', '.join(SAMPLER_NAMES)} (default entropy)"
+    )
+    p.add_argument("--rounds", type=int, help="relabelling rounds (default 8)")
+    p.add_argument("--budget", type=int, help="samples relabelled per round (default 64)")
+    p.add_argument("--fine-tune-epochs", type=int, help="epochs after each round (default 5)")
+    p.add_argument(
+        "--expert",
+        choices=["human", "oracle"],
+        help="who answers: human (default; the job waits for answers) or oracle (true labels)",
+    )
+    p.add_argument(
+        "--label-timeout",
+        type=float,
+        help="seconds a Prefect deployment run stays suspended for an answer (default 7 days)",
+    )
+
+
+def _add_training_flags(p: argparse.ArgumentParser, *, epochs: str) -> None:
+    """Flags of :class:`TrainingSettings`: data, noise, model, optimiser."""
+    p.add_argument(
+        "--dataset",
+        help="medmnist://NAME, file:///PATH.npz|.csv, s3://BUCKET/KEY, a MedMNIST name or a path",
+    )
+    p.add_argument(
+        "--data-dir",
+        help="where names are looked up (default: $NOISESCORE_DATA_DIR, ../shared/data, ./data)",
+    )
+    p.add_argument("--image-size", type=int, help="resize images to this square size")
+    p.add_argument(
+        "--noise",
+        help="inject noise KIND:RATE for evaluation: symmetric, uniform, "
+        "pairflip, instance (e.g. uniform:0.5), or asymmetric:FILE",
+    )
+    p.add_argument("--noise-val", action="store_true", help="inject noise into val too")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--epochs", type=int, help=epochs)
+    p.add_argument("--model", help="timm model name (default noisescore_cnn)")
+    p.add_argument("--checkpoint", help="local pretrained weights for --model")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-4)")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument(
+        "--lr-milestones",
+        type=lambda s: tuple(int(x) for x in s.split(",")),
+        help="comma-separated epochs where the LR drops x0.1 (default E/2,3E/4)",
+    )
+    p.add_argument("--augment", action="store_true", help="random horizontal flips")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument(
         "--dataset-roots",
         help="read the dataset only if it is a name in the data dir or lies under these "
@@ -122,6 +175,27 @@ def _add_clean(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         argument_default=argparse.SUPPRESS,
     )
     _add_settings_flags(p)
+    _add_job_flags(p)
+    p.add_argument(
+        "--store-dir", help="local artifact store when no S3 endpoint is set (default ./artifacts)"
+    )
+    p.add_argument("--quiet", action="store_true", default=False, help="warnings and results only")
+
+
+def _add_active_clean(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "active-clean",
+        help="active label cleaning: select a clean set (Co-teaching VOG), then rounds in "
+        "which an expert relabels the most useful suspects (runs the active-clean flow)",
+        description="Run the Prefect flow active-clean in this process. With --expert human "
+        "(the default) each round's queue goes to the store and the command exits 75 "
+        "(waiting for labels): answer with `noisescore relabel submit` (or the service's "
+        "SubmitRelabels), then run the same command with the same --job-id to continue. "
+        "--expert oracle answers with the true labels (benchmarks; needs --noise or a "
+        "true_label column). Unset flags fall back to NOISESCORE_<FLAG> variables.",
+        argument_default=argparse.SUPPRESS,
+    )
+    _add_active_flags(p)
     _add_job_flags(p)
     p.add_argument(
         "--store-dir", help="local artifact store when no S3 endpoint is set (default ./artifacts)"
@@ -167,14 +241,22 @@ def _add_flow(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     serve = verbs.add_parser(
         "serve",
-        help="serve clean-labels as a deployment from this process (no work pool needed)",
-        description="Register the deployment clean-labels/NAME on the Prefect server of "
+        help="serve a flow as a deployment from this process (no work pool needed)",
+        description="Register the deployment FLOW/NAME (clean-labels/NAME by default) on the "
+        "Prefect server of "
         "PREFECT_API_URL and run its flow runs in child processes of this one. The runs "
         "store their artifacts where this process's NOISESCORE_S3_* / NOISESCORE_STORE_DIR "
         "say (default ./artifacts).",
     )
     serve.add_argument("--name", default="served", help="deployment name (default served)")
     serve.add_argument("--limit", type=int, default=1, help="concurrent runs (default 1)")
+    serve.add_argument(
+        "--flow",
+        choices=["clean-labels", "active-clean"],
+        default="clean-labels",
+        help="which flow: clean-labels (default) or active-clean (its runs suspend while an "
+        "expert answers, and resume here)",
+    )
 
 
 def _add_verify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -297,7 +379,40 @@ def _add_jobs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         verb.add_argument("job", metavar="JOB", help="job id or jobs/<id>")
     listing = verbs.add_parser("list", help="list jobs, newest first")
     listing.add_argument(
-        "--state", choices=["QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"]
+        "--state",
+        choices=["QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "WAITING_FOR_LABELS"],
+    )
+    for verb in verbs.choices.values():
+        _add_client_flags(verb)
+
+
+def _add_relabel(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "relabel",
+        help="list a relabel round of an active cleaning job, or answer it (expert in the loop)",
+    )
+    verbs = p.add_subparsers(dest="verb", required=True)
+    queue = verbs.add_parser(
+        "queue",
+        help="the samples a round asks about, as CSV (sample_id,current_label,"
+        "predicted_label,priority)",
+    )
+    queue.add_argument("--job", required=True, help="job id or jobs/<id>")
+    queue.add_argument("--round", type=int, default=0, help="default: the round the job waits for")
+    queue.add_argument(
+        "--images", metavar="DIR", help="also write each image as DIR/<sample_id>.png"
+    )
+    submit = verbs.add_parser(
+        "submit",
+        help="answer a round from a CSV (sample_id,label[,annotator]); exits 1 when a row is "
+        "rejected (then nothing was recorded)",
+    )
+    submit.add_argument("--job", required=True, help="job id or jobs/<id>")
+    submit.add_argument("--round", type=int, default=0, help="default: the round the job waits for")
+    submit.add_argument("--csv", required=True, help="answers: columns sample_id,label[,annotator]")
+    submit.add_argument("--annotator", help="who answered, for rows without an annotator column")
+    submit.add_argument(
+        "--close", action="store_true", help="close the round (unanswered samples keep their label)"
     )
     for verb in verbs.choices.values():
         _add_client_flags(verb)
@@ -335,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"noisescore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_clean(sub)
+    _add_active_clean(sub)
     _add_flow(sub)
     _add_verify(sub)
     _add_datasets(sub)
@@ -346,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     _add_jobs(sub)
+    _add_relabel(sub)
     _add_results(sub)
     return parser
 
@@ -529,6 +646,39 @@ def _clean(args: argparse.Namespace) -> int:
     return 0
 
 
+def _active_clean(args: argparse.Namespace) -> int:
+    if "store_dir" in args:
+        os.environ["NOISESCORE_STORE_DIR"] = str(args.store_dir)
+    from noisescore.settings import ActiveSettings
+
+    fields = {k: v for k, v in vars(args).items() if k not in _SETTINGS_EXCLUDE}
+    settings = ActiveSettings(**fields)  # validate flags before Prefect starts
+    _prefect_env()
+    from noisescore.flows.active_clean import EXIT_WAITING, WAITING, active_clean
+    from noisescore.settings import StoreSettings
+    from noisescore.storage import open_store
+
+    if args.job_id is not None:
+        validate_job_id(args.job_id)
+    open_store(StoreSettings()).check()
+    _quiet_console(quiet=args.quiet)
+    with _terminate_as_interrupt():
+        summary = active_clean(settings=settings, job_id=args.job_id)
+    if summary.get("status") == WAITING:
+        job_id = summary["job_id"]
+        print(
+            f"job {job_id} waits for an expert: round {summary['round']}, "
+            f"{summary['n_queued']} samples in {summary['queue']}\n"
+            f"answer:   noisescore relabel submit --job {job_id} --round {summary['round']} "
+            f"--csv ANSWERS.csv (through a server), or the Prefect UI of a deployment run\n"
+            f"continue: the same command with --job-id {job_id}"
+        )
+        return EXIT_WAITING
+    lines = [f"{k:<14}{v}" for k, v in summary.items() if k != "status"]
+    print("\n".join(lines))
+    return 0
+
+
 def _flow_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.job_id is not None:
@@ -601,6 +751,11 @@ def _flow_run(args: argparse.Namespace) -> int:
 
 def _flow_serve(args: argparse.Namespace) -> int:
     _prefect_env()
+    if args.flow == "active-clean":
+        from noisescore.flows.active_clean import active_clean
+
+        active_clean.serve(name=args.name, limit=args.limit)
+        return 0
     from noisescore.flows.clean_labels import clean_labels
 
     clean_labels.serve(name=args.name, limit=args.limit)
@@ -749,7 +904,8 @@ def _jobs(args: argparse.Namespace) -> int:
         elif args.verb == "list":
             for job in client.list(state=args.state):
                 created = job.create_time.ToJsonString() if job.HasField("create_time") else ""
-                print(f"{job.name}\t{job.State.Name(job.state)}\t{created}\t{job.spec.dataset_uri}")
+                dataset = job.spec.dataset_uri or job.active_spec.dataset_uri
+                print(f"{job.name}\t{job.State.Name(job.state)}\t{created}\t{dataset}")
         elif args.verb == "watch":
             for event in client.watch(args.job):
                 state = event.State.Name(event.state)
@@ -760,6 +916,8 @@ def _jobs(args: argparse.Namespace) -> int:
                         f"flagged {event.flagged_fraction:.3f}",
                         flush=True,
                     )
+                elif event.waiting_round:  # an active job waits for an expert
+                    print(f"{state} round {event.waiting_round}", flush=True)
                 else:
                     print(state, flush=True)
                 if event.state in TERMINAL and not event.stage:
@@ -767,6 +925,71 @@ def _jobs(args: argparse.Namespace) -> int:
         elif args.verb == "cancel":
             print(_job_text(client.cancel(args.job)))
     return 0
+
+
+_SAFE_FILE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+
+
+def _relabel(args: argparse.Namespace) -> int:
+    import csv
+    from pathlib import Path
+
+    from noisescore.client import RelabelsRejected
+
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    if args.verb == "queue":
+        folder = Path(args.images) if args.images else None
+        with _client(args) as client:
+            queue = client.relabel_queue(args.job, round=args.round, images=folder is not None)
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+        writer.writerow(["sample_id", "current_label", "predicted_label", "priority"])
+        for item in queue.items:
+            writer.writerow(
+                [item.sample_id, item.current_label, item.predicted_label, f"{item.priority:.6g}"]
+            )
+            if folder is not None:  # a sample id that is no safe file name: the index
+                safe = _SAFE_FILE_NAME.fullmatch(item.sample_id)
+                (folder / f"{item.sample_id if safe else item.index}.png").write_bytes(item.png)
+        state = "closed" if queue.closed else "open"
+        print(
+            f"# {queue.job} round {queue.round}: {len(queue.items)} samples, {queue.n_answered} "
+            f"answered, {state}",
+            file=sys.stderr,
+        )
+        return 0
+    rows: list[tuple[str, int, str]] = []
+    with Path(args.csv).open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"sample_id", "label"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{args.csv}: missing column(s) {', '.join(sorted(missing))}")
+        for line, row in enumerate(reader, start=2):
+            label = (row["label"] or "").strip()
+            if not label.lstrip("-").isdigit():
+                raise ValueError(f"{args.csv} line {line}: label {label!r} is not an integer")
+            annotator = (row.get("annotator") or "").strip() or args.annotator
+            if not annotator:
+                raise ValueError(
+                    f"{args.csv} line {line}: no annotator; add an annotator column or give "
+                    "--annotator NAME"
+                )
+            rows.append((row["sample_id"].strip(), int(label), annotator))
+    with _client(args) as client:
+        try:
+            response = client.submit_relabels(args.job, args.round, rows, close_round=args.close)
+        except RelabelsRejected as err:
+            response = err.response
+            print(f"noisescore: error: INVALID_ARGUMENT: {err.details}", file=sys.stderr)
+    writer.writerow(["sample_id", "accepted", "reason"])
+    for result in response.results:
+        writer.writerow([result.sample_id, int(result.accepted), result.reason])
+    state = "closed" if response.round_closed else "open"
+    print(
+        f"# {response.n_answered} of {response.n_queued} answered, round {state}",
+        file=sys.stderr,
+    )
+    return 0 if all(r.accepted for r in response.results) else 1
 
 
 def _corrections(args: argparse.Namespace) -> int:
@@ -846,12 +1069,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     commands = {
         ("clean", None): _clean,
+        ("active-clean", None): _active_clean,
         ("flow", "run"): _flow_run,
         ("flow", "serve"): _flow_serve,
         ("verify", None): _verify,
         ("datasets", "upload"): _datasets_upload,
         ("serve", None): _serve,
         ("jobs", getattr(args, "verb", None)): _jobs,
+        ("relabel", getattr(args, "verb", None)): _relabel,
         ("corrections", None): _corrections,
         ("score", None): _score,
     }

@@ -6,6 +6,11 @@
         flagged = [c for c in client.corrections(job.name, only_flagged=True)]
         scores = client.score(job.name, images, labels)
 
+    # active label cleaning: answer the relabel round a job waits for
+        job = client.submit_active("medmnist://bloodmnist", noise="symmetric:0.4", rounds=8)
+        queue = client.relabel_queue(job.name)  # the round it waits for; PNG per sample
+        client.submit_relabels(job.name, queue.round, [("s17", 3, "dr-a")], close_round=True)
+
 Images are numpy uint8 arrays (H, W) or (C, H, W), or encoded PNG/JPEG bytes. Errors
 are ``grpc.RpcError`` with a canonical status code and an actionable message.
 """
@@ -26,6 +31,27 @@ from noisescore.v1 import noise_scoring_pb2_grpc as pb_grpc
 DEFAULT_TARGET = "127.0.0.1:50051"
 TERMINAL = {pb.Job.SUCCEEDED, pb.Job.FAILED, pb.Job.CANCELLED}
 ImageLike = np.ndarray | bytes
+RELABEL_RESULTS_KEY = "noisescore-relabel-results-bin"  # service.servicer.RELABEL_RESULTS_KEY
+
+
+class RelabelsRejected(Exception):
+    """SubmitRelabels answered INVALID_ARGUMENT: nothing was recorded. ``response`` holds
+    every row's result and reason (from the reply's trailing metadata)."""
+
+    def __init__(self, details: str, response: pb.SubmitRelabelsResponse) -> None:
+        super().__init__(details)
+        self.details = details
+        self.response = response
+
+
+def _set_noise(spec: Any, noise: str | None) -> None:
+    if not noise:
+        return
+    kind, _, rate = noise.partition(":")
+    try:
+        spec.noise.kind, spec.noise.rate = kind, float(rate)
+    except ValueError as err:
+        raise ValueError(f"noise must be KIND:RATE, e.g. uniform:0.5; got {noise!r}") from err
 
 
 def job_name(job: str) -> str:
@@ -140,15 +166,49 @@ class NoiseScoringClient:
         )  # fmt: skip
         if seed is not None:
             spec.seed = seed
-        if noise:
-            kind, _, rate = noise.partition(":")
-            try:
-                spec.noise.kind, spec.noise.rate = kind, float(rate)
-            except ValueError as err:
-                raise ValueError(
-                    f"noise must be KIND:RATE, e.g. uniform:0.5; got {noise!r}"
-                ) from err
+        _set_noise(spec, noise)
         return self._call(self.stub.SubmitCleaningJob, pb.SubmitCleaningJobRequest(spec=spec))  # type: ignore[no-any-return]
+
+    def submit_active(
+        self,
+        dataset_uri: str,
+        *,
+        model: str = "",
+        seed: int | None = None,
+        noise: str | None = None,
+        imbalance: float = 0.0,
+        lnl_method: str = "",
+        epochs: int = 0,
+        forget_rate: float | None = None,
+        mix_ratio: float | None = None,
+        vog_mode: str = "",
+        clean_epochs: int = 0,
+        sampler: str = "",
+        rounds: int = 0,
+        budget: int = 0,
+        fine_tune_epochs: int = 0,
+        expert: str = "",
+        idempotency_key: str = "",
+        device: str = "",
+    ) -> pb.Job:
+        """Start an active label cleaning job (``noisescore active-clean``'s settings; zero
+        or empty = the default). With ``expert="human"`` it waits for
+        :meth:`submit_relabels` at every round (state ``WAITING_FOR_LABELS``)."""
+        spec = pb.ActiveCleaningJobSpec(
+            dataset_uri=dataset_uri, model=model, imbalance=imbalance, lnl_method=lnl_method,
+            epochs=epochs, vog_mode=vog_mode, clean_epochs=clean_epochs, sampler=sampler,
+            rounds=rounds, budget=budget, fine_tune_epochs=fine_tune_epochs, expert=expert,
+            idempotency_key=idempotency_key, device=device,
+        )  # fmt: skip
+        if seed is not None:
+            spec.seed = seed
+        if forget_rate is not None:
+            spec.forget_rate = forget_rate
+        if mix_ratio is not None:
+            spec.mix_ratio = mix_ratio
+        _set_noise(spec, noise)
+        request = pb.SubmitActiveCleaningJobRequest(spec=spec)
+        return self._call(self.stub.SubmitActiveCleaningJob, request)  # type: ignore[no-any-return]
 
     def get(self, job: str) -> pb.Job:
         return self._call(self.stub.GetJob, pb.GetJobRequest(name=job_name(job)))  # type: ignore[no-any-return]
@@ -164,6 +224,45 @@ class NoiseScoringClient:
             token = response.next_page_token
             if not token:
                 return
+
+    # ------------------------------------------------------------------- relabel rounds
+
+    def relabel_queue(self, job: str, *, round: int = 0, images: bool = True) -> pb.RelabelQueue:
+        """The samples of a relabel round (0 = the round the job waits for), each with its
+        image as PNG unless ``images`` is False."""
+        request = pb.GetRelabelQueueRequest(job=job_name(job), round=round, skip_images=not images)
+        return self._call(self.stub.GetRelabelQueue, request)  # type: ignore[no-any-return]
+
+    def submit_relabels(
+        self,
+        job: str,
+        round: int,
+        relabels: Sequence[tuple[str, int, str]],
+        *,
+        close_round: bool = False,
+    ) -> pb.SubmitRelabelsResponse:
+        """Answer a relabel round with ``(sample_id, label, annotator)`` rows.
+
+        Raises
+        ------
+        RelabelsRejected
+            When a row is invalid: nothing was recorded; ``err.response`` says why, row by row.
+        grpc.RpcError
+            Any other error (FAILED_PRECONDITION: the round is closed or not open, ...).
+        """
+        request = pb.SubmitRelabelsRequest(
+            job=job_name(job),
+            round=round,
+            relabels=[pb.Relabel(sample_id=s, label=int(y), annotator=a) for s, y, a in relabels],
+            close_round=close_round,
+        )
+        try:
+            return self._call(self.stub.SubmitRelabels, request)  # type: ignore[no-any-return]
+        except grpc.RpcError as err:
+            response = rejected_relabels(err)
+            if response is None:
+                raise
+            raise RelabelsRejected(err.details() or "", response) from err
 
     def cancel(self, job: str) -> pb.Job:
         return self._call(self.stub.CancelJob, pb.CancelJobRequest(name=job_name(job)))  # type: ignore[no-any-return]
@@ -219,3 +318,13 @@ class NoiseScoringClient:
         request = pb.PredictRequest(job=job_name(job), images=[image_message(i) for i in images])
         response = self._call(self.stub.Predict, request)
         return np.array([list(p.probabilities) for p in response.predictions], dtype=np.float32)
+
+
+def rejected_relabels(err: grpc.RpcError) -> pb.SubmitRelabelsResponse | None:
+    """The per-row results an INVALID_ARGUMENT SubmitRelabels reply carries, else None."""
+    if err.code() != grpc.StatusCode.INVALID_ARGUMENT:  # type: ignore[attr-defined]
+        return None
+    for key, value in err.trailing_metadata() or ():  # type: ignore[attr-defined]
+        if key == RELABEL_RESULTS_KEY and isinstance(value, bytes):
+            return pb.SubmitRelabelsResponse.FromString(value)
+    return None

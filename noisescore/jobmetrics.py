@@ -30,10 +30,11 @@ Metrics. Every one carries the label ``job_id`` (the Pushgateway adds ``job="noi
 | `noisescore_job_epochs_completed_total{stage}` | counter | epochs finished |
 | `noisescore_job_stage{stage}` | gauge | 1 for the latest event's stage, 0 for earlier ones |
 | `noisescore_job_last_update_timestamp_seconds` | gauge | Unix time of the latest update |
-| `noisescore_job_state{state}` | gauge | 1 for the job's state, 0 for the other four |
+| `noisescore_job_state{state}` | gauge | 1 for the job's state, 0 for the others |
 | `noisescore_job_last_success_timestamp_seconds` | gauge | Unix time the job succeeded |
 
-``state`` is one of queued, running, succeeded, failed, cancelled: ``queued`` until the
+``state`` is one of queued, running, succeeded, failed, cancelled, waiting_for_labels (an
+active-clean job whose round waits for an expert): ``queued`` until the
 first event, ``running`` from then on, until :meth:`JobMetrics.finish`. The epoch gauges
 are set for events of a stage with planned epochs (``epochs > 0``); the counter counts
 events with ``epoch >= 1`` (one per finished epoch). The last-success time is absent
@@ -86,7 +87,7 @@ PUSH_JOB = "noisescore_clean"
 
 GATEWAY_ENV = "NOISESCORE_PUSHGATEWAY"
 
-JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled", "waiting_for_labels")
 """Values of the ``state`` label of ``noisescore_job_state`` (the job resource's states)."""
 
 _BACKOFF_START_S = 1.0

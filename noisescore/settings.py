@@ -25,6 +25,7 @@ from noisescore.ml.detector_names import (
     check_flag_by,
     parse_detectors,
 )
+from noisescore.ml.method_names import SAMPLER_NAMES, SELECTION_METHODS, check_choice
 from noisescore.ml.model_names import DEFAULT_MODEL, check_model_name
 from noisescore.ml.noise import parse_noise_spec
 
@@ -49,12 +50,15 @@ class _EnvWithout(EnvSettingsSource):
         return {k: v for k, v in super().__call__().items() if k not in self.without}
 
 
-class CleanSettings(BaseSettings):
-    """One cleaning job: data, optional noise injection, LiNC and the final training.
+class TrainingSettings(BaseSettings):
+    """What every training job shares: the data, injected noise, model and optimiser.
+
+    :class:`CleanSettings` (LiNC, ``noisescore clean``) and :class:`ActiveSettings` (active
+    label cleaning, ``noisescore active-clean``) add their method's fields.
 
     ``dataset_roots`` is never read from the environment: the service sets it on the jobs
-    it submits (its ``NOISESCORE_DATASET_ROOTS``), so ``noisescore clean`` run by the
-    operator keeps reading any dataset even where that variable is exported.
+    it submits (its ``NOISESCORE_DATASET_ROOTS``), so a job run by the operator keeps
+    reading any dataset even where that variable is exported.
     """
 
     model_config = SettingsConfigDict(env_prefix="NOISESCORE_", extra="forbid")
@@ -69,7 +73,6 @@ class CleanSettings(BaseSettings):
     noise_val: bool = Field(False, description="also inject noise into the val split")
     seed: int = Field(0, ge=0)
     epochs: int = Field(100, ge=1, le=10_000)
-    warmup_epochs: int = Field(10, ge=1)
     model: str = Field(DEFAULT_MODEL, description="timm model name")
     checkpoint: Path | None = Field(None, description="local pretrained weights")
     batch_size: int = Field(128, ge=2, le=65_536)
@@ -77,27 +80,7 @@ class CleanSettings(BaseSettings):
     weight_decay: float = Field(0.0, ge=0)
     lr_milestones: tuple[int, ...] | None = None
     augment: bool = Field(False, description="random horizontal flips")
-    alpha_lr: float = Field(1.0, gt=0)
-    alpha_wd: float = Field(1e-3, ge=0)
-    alpha_grad: Literal["mean", "sample"] = "mean"
-    baseline: bool = Field(False, description="also train plain cross-entropy, same seed")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    detectors: str = Field(
-        "all", description="label-noise detectors recorded during warm-up: all or NAME,NAME"
-    )
-    flag_by: str = Field(
-        "linc", description="score whose Otsu split flags samples: linc, consensus or a detector"
-    )
-    cl_folds: int = Field(
-        0, ge=0, le=20, description="K-fold out-of-fold confident learning (K extra warm-ups)"
-    )
-    bimodality_min: float = Field(
-        ETA_MIN,
-        ge=0,
-        le=1,
-        description="relabel only when the flagging score's between-class variance ratio "
-        "(Otsu) reaches this; 0 = always relabel",
-    )
     dataset_roots: Annotated[tuple[str, ...] | None, NoDecode] = Field(
         None,
         description="restrict the dataset to a name in data_dir or a URI under these roots "
@@ -140,6 +123,36 @@ class CleanSettings(BaseSettings):
             return None
         return str(parse_noise_spec(value))
 
+    def noise_rate(self) -> float | None:
+        """The injected noise's rate (``None`` without injection)."""
+        return None if self.noise is None else parse_noise_spec(self.noise).rate
+
+
+class CleanSettings(TrainingSettings):
+    """One cleaning job: data, optional noise injection, LiNC and the final training."""
+
+    warmup_epochs: int = Field(10, ge=1)
+    alpha_lr: float = Field(1.0, gt=0)
+    alpha_wd: float = Field(1e-3, ge=0)
+    alpha_grad: Literal["mean", "sample"] = "mean"
+    baseline: bool = Field(False, description="also train plain cross-entropy, same seed")
+    detectors: str = Field(
+        "all", description="label-noise detectors recorded during warm-up: all or NAME,NAME"
+    )
+    flag_by: str = Field(
+        "linc", description="score whose Otsu split flags samples: linc, consensus or a detector"
+    )
+    cl_folds: int = Field(
+        0, ge=0, le=20, description="K-fold out-of-fold confident learning (K extra warm-ups)"
+    )
+    bimodality_min: float = Field(
+        ETA_MIN,
+        ge=0,
+        le=1,
+        description="relabel only when the flagging score's between-class variance ratio "
+        "(Otsu) reaches this; 0 = always relabel",
+    )
+
     @field_validator("detectors")
     @classmethod
     def _known_detectors(cls, value: str) -> str:
@@ -169,6 +182,88 @@ class CleanSettings(BaseSettings):
                 f"warmup_epochs ({self.warmup_epochs}) must not exceed epochs ({self.epochs})"
             )
         return self
+
+
+class ActiveSettings(TrainingSettings):
+    """One active label cleaning job (Khanal et al., MICCAI 2024): select a clean set with a
+    learning-with-noisy-labels method, train on it, then ``rounds`` rounds in which an
+    expert relabels the ``budget`` most useful suspects ranked by ``sampler``.
+
+    ``epochs`` is the selection phase's length (Co-teaching and friends); the model that
+    the expert's answers refine trains ``clean_epochs`` on the clean set, then
+    ``fine_tune_epochs`` after each round.
+    """
+
+    epochs: int = Field(40, ge=1, le=10_000, description="epochs of the selection phase")
+    lr: float = Field(1e-3, gt=0, le=10, description="Adam learning rate (Co-teaching's 0.001)")
+    imbalance: float | None = Field(
+        None,
+        ge=1,
+        le=10_000,
+        description="draw a long-tailed train subset with this ratio r: N_c = N_0 r^(-c/(C-1))",
+    )
+    lnl_method: str = Field(
+        "coteaching_vog", description=f"clean-set selection: {', '.join(SELECTION_METHODS)}"
+    )
+    forget_rate: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="Co-teaching's final forget rate tau_max; unset = the injected noise rate",
+    )
+    t_k: int = Field(10, ge=1, description="epochs over which the forget rate ramps up")
+    mix_ratio: float = Field(
+        0.2, ge=0, le=1, description="Co-teaching VOG: share of the kept samples chosen by VOG"
+    )
+    vog_window: int = Field(5, ge=2, le=100, description="epochs of gradients VOG looks at")
+    vog_warmup: int = Field(10, ge=0, description="epochs of plain Co-teaching before VOG")
+    vog_mode: Literal["exact", "ewma"] = Field(
+        "exact", description="VOG over an exact window (float16) or an exponentially weighted one"
+    )
+    select_last: int = Field(
+        1, ge=1, description="the clean set is the union of what was kept in these last epochs"
+    )
+    clean_epochs: int = Field(30, ge=1, le=10_000, description="training on the clean set")
+    sampler: str = Field("entropy", description=f"ranks suspects: {', '.join(SAMPLER_NAMES)}")
+    rounds: int = Field(8, ge=0, le=100, description="relabelling rounds M")
+    budget: int = Field(64, ge=1, le=1_000_000, description="samples relabelled per round a_l")
+    fine_tune_epochs: int = Field(5, ge=0, le=10_000, description="epochs after each round")
+    expert: Literal["human", "oracle"] = Field(
+        "human",
+        description="who answers: human (the run waits for SubmitRelabels / the Prefect UI) "
+        "or oracle (the true labels; benchmarks only, needs the truth)",
+    )
+    label_timeout: float = Field(
+        7 * 24 * 3600.0,
+        gt=0,
+        description="seconds a Prefect deployment run stays suspended waiting for an expert",
+    )
+
+    @field_validator("lnl_method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        return check_choice("lnl_method", value, SELECTION_METHODS)
+
+    @field_validator("sampler")
+    @classmethod
+    def _known_sampler(cls, value: str) -> str:
+        return check_choice("sampler", value, SAMPLER_NAMES)
+
+    @model_validator(mode="after")
+    def _forget_rate_known(self) -> ActiveSettings:
+        if self.lnl_method != "ce" and self.forget_rate is None and self.noise is None:
+            raise ValueError(
+                "forget_rate is needed: Co-teaching drops that share of each batch; set it to "
+                "the expected noise rate (e.g. --forget-rate 0.2), or inject noise with --noise"
+            )
+        return self
+
+    def tau_max(self) -> float:
+        """The forget rate Co-teaching ramps up to: ``forget_rate``, else the noise rate."""
+        if self.forget_rate is not None:
+            return self.forget_rate
+        rate = self.noise_rate()
+        return 0.0 if rate is None else min(rate, 0.95)
 
 
 def format_settings_error(err: ValidationError) -> str:
@@ -275,6 +370,10 @@ class ServiceSettings(BaseSettings):
     )
     prefect_deployment: str = Field(
         "clean-labels/local", description="deployment that runs jobs in prefect mode"
+    )
+    prefect_active_deployment: str = Field(
+        "active-clean/local",
+        description="deployment that runs active cleaning jobs in prefect mode",
     )
     shutdown_grace: float = Field(10.0, ge=0, description="seconds in-flight RPCs may finish")
     dataset_roots: Annotated[tuple[str, ...], NoDecode] = Field(

@@ -67,7 +67,10 @@ def create_app(
     jobs: JobManager
     if settings.runner() == "prefect":
         jobs = PrefectJobManager(
-            store, max_queue=settings.max_queue, deployment=settings.prefect_deployment
+            store,
+            max_queue=settings.max_queue,
+            deployment=settings.prefect_deployment,
+            active_deployment=settings.prefect_active_deployment,
         )
     else:
         jobs = JobManager(

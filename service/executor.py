@@ -55,6 +55,7 @@ class BlockingContext:
         self._context = context
         self._code: grpc.StatusCode | None = None
         self._details = ""
+        self._trailing: tuple[tuple[str, str | bytes], ...] = ()
         self.cancelled = False
 
     def abort(self, code: grpc.StatusCode, details: str = "") -> NoReturn:
@@ -68,6 +69,14 @@ class BlockingContext:
 
     def set_details(self, details: str) -> None:
         self._details = details
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        """Sent with the status, also when the handler aborts (``SubmitRelabels`` returns
+        its per-row reasons this way with INVALID_ARGUMENT)."""
+        self._trailing = tuple(metadata)
+
+    def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return self._trailing
 
     def code(self) -> grpc.StatusCode | None:
         return self._code
@@ -94,7 +103,10 @@ class BlockingContext:
         return self._context.time_remaining()
 
     def apply(self) -> None:
-        """Copy ``set_code``/``set_details`` to the real context (on the event loop)."""
+        """Copy ``set_code``/``set_details`` and the trailing metadata to the real context
+        (on the event loop)."""
+        if self._trailing:
+            self._context.set_trailing_metadata(self._trailing)
         if self._code is not None:
             self._context.set_code(self._code)
             self._context.set_details(self._details)
@@ -197,7 +209,7 @@ def blocking_unary(
         try:
             result = await executor.run(function, request, blocking)
         except Aborted as aborted:
-            await context.abort(aborted.code, aborted.details)
+            await context.abort(aborted.code, aborted.details, blocking.trailing_metadata())
         except asyncio.CancelledError:
             blocking.cancelled = True
             raise
@@ -249,7 +261,7 @@ def blocking_stream(
                     break
                 yield item
         except Aborted as aborted:
-            await context.abort(aborted.code, aborted.details)
+            await context.abort(aborted.code, aborted.details, blocking.trailing_metadata())
         except (asyncio.CancelledError, GeneratorExit):
             blocking.cancelled = True
             raise

@@ -18,6 +18,14 @@ queued jobs and hands it to the child, whose flow refreshes it until it ends. So
 - a FAILED job is rerun under the same id when it is resubmitted with its idempotency key
   (the flow reuses its stored warm-up checkpoint when the settings match).
 
+Active cleaning jobs (spec ``kind: active``) run ``noisescore active-clean``. When a relabel
+round needs an expert the child writes the round's queue and ``waiting.json``
+(:class:`noisescore.relabels.RelabelBook`) and exits with :data:`EXIT_WAITING_FOR_LABELS`:
+the job is WAITING_FOR_LABELS and holds no worker. Once the round is closed
+(``SubmitRelabels``) :meth:`JobManager.resume` queues the same command again; the flow goes
+on from its stored checkpoints. A restarted service keeps waiting jobs waiting and relaunches
+those whose round was closed meanwhile.
+
 Idempotency keys are claimed in the store (:meth:`ArtifactStore.claim`), so replicas of
 the service sharing one store agree on one job per key; a key reused with a different
 spec is refused (:class:`IdempotencyConflict`).
@@ -57,6 +65,7 @@ from noisescore.jobs import (
     validate_job_id,
 )
 from noisescore.ml.model_names import training_runtime_available
+from noisescore.relabels import RelabelBook
 from noisescore.storage import (
     ArtifactNotFound,
     ArtifactStore,
@@ -68,6 +77,7 @@ from noisescore.storage import (
 logger = logging.getLogger(__name__)
 
 RECORD = "job.json"
+WAITING_FILE = "waiting.json"  # noisescore.relabels.WAITING
 LOG = "job.log"
 IDEMPOTENCY_PREFIX = "idempotency/"
 DEFAULT_LEASE_TTL_S = 60.0
@@ -78,8 +88,11 @@ ERROR_CHARS = 500
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED",
 )  # fmt: skip
-STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+WAITING_FOR_LABELS = "WAITING_FOR_LABELS"
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, WAITING_FOR_LABELS)
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+ACTIVE = "active"  # spec["kind"] of an active cleaning job
+EXIT_WAITING_FOR_LABELS = 75  # EX_TEMPFAIL: the child stopped to wait for an expert
 
 # Service secrets a job process never needs (it needs the store's credentials, which stay):
 # bearer tokens, TLS key material and the client-side equivalents. Matched case-insensitively,
@@ -122,6 +135,12 @@ class NotCancellable(RuntimeError):
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def is_active(spec: dict[str, Any]) -> bool:
+    """Whether ``spec`` is an active cleaning job's (``kind: active``, or the settings of one
+    started outside the service, which name an ``lnl_method``)."""
+    return spec.get("kind") == ACTIVE or "lnl_method" in spec
 
 
 def _spec_digest(spec: dict[str, Any]) -> str:
@@ -262,6 +281,7 @@ class JobManager:
         self._running: dict[str, _Running] = {}
         self._adopted: dict[str, _Adopted] = {}
         self._records: dict[str, JobRecord] = {}
+        self._resumed: dict[str, int] = {}  # job -> the closed round it was relaunched for
         self._closed = False
         self._stop = threading.Event()
         # Child logs: a private folder (0700) of this process, files opened O_EXCL|O_NOFOLLOW.
@@ -342,6 +362,8 @@ class JobManager:
             record.end_time = self._published_at(job)
         elif lease is not None and lease.alive():
             record.state = RUNNING
+        elif not damage and has(WAITING_FILE):  # `noisescore active-clean` waits for an expert
+            record.state = WAITING_FOR_LABELS
         elif damage:
             record.error = f"the job's stored state is corrupt ({damage})"
         else:
@@ -378,6 +400,8 @@ class JobManager:
             return self._succeeded_elsewhere(record, job)
         if record.terminal:
             return record
+        if record.state == WAITING_FOR_LABELS:
+            return record  # no process while it waits: the lease is gone on purpose
         lease = read_lease(job)
         if lease is not None and lease.alive():
             return record
@@ -431,6 +455,8 @@ class JobManager:
                     self._records[job_id] = record
             if record.state == RUNNING:
                 self._maybe_adopt(record)
+            elif record.state == WAITING_FOR_LABELS and not record.external:
+                self._resume_if_answered(record)
 
     # ------------------------------------------------------------------- adoption
 
@@ -783,7 +809,7 @@ class JobManager:
     def _argv(self, job_id: str, record: JobRecord) -> list[str]:
         args = ["--job-id", job_id, "--quiet"]
         for name, value in record.spec.items():
-            if value is None or value is False:
+            if value is None or value is False or name == "kind":
                 continue
             flag = "--" + name.replace("_", "-")
             if isinstance(value, list | tuple):  # dataset_roots: --dataset-roots takes JSON
@@ -791,7 +817,8 @@ class JobManager:
             args += [flag] if value is True else [flag, str(value)]
         if self.command is not None:
             return self.command(job_id, args)
-        return [sys.executable, "-m", "noisescore.cli", "clean", *args]
+        verb = "active-clean" if is_active(record.spec) else "clean"
+        return [sys.executable, "-m", "noisescore.cli", verb, *args]
 
     def _run(self, job_id: str) -> None:
         """Run one job to its end; whatever happens, the job ends in a terminal state."""
@@ -852,10 +879,32 @@ class JobManager:
             record = replace(self._get(job_id))
             record.end_time = _now()
             tail = _tail(log_path)
+            waiting = again = None
+            with self._lock:
+                resumed_for = self._resumed.pop(job_id, None)
+            if code == EXIT_WAITING_FOR_LABELS and not running.cancelled:
+                waiting = self._waiting_round(job_id)
+                if waiting is not None and waiting == resumed_for:
+                    waiting, again = None, resumed_for  # a loop: relaunched for it, waits again
             if running.cancelled:
                 record.state, record.error = CANCELLED, "cancelled while running"
+            elif waiting is not None:
+                record.state, record.error, record.end_time = WAITING_FOR_LABELS, "", None
+                logger.info("job %s: waits for the labels of round %d", job_id, waiting)
             elif code == 0 and self._job(job_id).is_complete():
                 record.state, record.error = SUCCEEDED, ""
+            elif again is not None:
+                record.state = FAILED
+                record.error = (
+                    f"the job was resumed with the answers of relabel round {again} and stopped "
+                    "again to wait for that round"
+                )
+            elif code == EXIT_WAITING_FOR_LABELS:
+                record.state = FAILED
+                record.error = (
+                    f"the job's process exited with code {code} (waiting for labels) but the "
+                    f"job waits for no relabel round (no readable {WAITING_FILE})"
+                )
             else:
                 record.state = FAILED
                 reason = _error_line(tail) or f"the cleaning process exited with code {code}"
@@ -872,6 +921,58 @@ class JobManager:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(log_path)
+        if record.state == WAITING_FOR_LABELS:
+            # The round may have been closed while the child was still on its way out:
+            # resume() found it RUNNING then and left it to us.
+            self._resume_if_answered(record)
+
+    # ------------------------------------------------------------------- waiting for labels
+
+    def _waiting_round(self, job_id: str) -> int | None:
+        """The round the job's ``waiting.json`` names, None when none (or unreadable)."""
+        try:
+            return RelabelBook(self._job(job_id)).waiting()
+        except CorruptArtifact as err:
+            logger.warning("job %s: %s", job_id, err)
+            return None
+
+    def _round_closed(self, job_id: str) -> bool:
+        """Whether the round the job waits for is closed."""
+        waiting = self._waiting_round(job_id)
+        return waiting is not None and RelabelBook(self._job(job_id)).is_closed(waiting)
+
+    def _resume_if_answered(self, record: JobRecord) -> None:
+        try:
+            self.resume(record.job_id)
+        except StorageError as err:
+            logger.warning("job %s: cannot tell whether its round closed: %s", record.job_id, err)
+
+    def resume(self, job_id: str) -> JobRecord:
+        """Go on with a job WAITING_FOR_LABELS whose round is closed: queue the same command
+        again (the flow resumes from its stored checkpoints). Any other job is returned
+        unchanged (a child about to wait is resumed when it has exited).
+        """
+        record = self._get(job_id)
+        if record.state != WAITING_FOR_LABELS or record.external or not self._round_closed(job_id):
+            return record
+        with self._lock:
+            record = self._get(job_id)  # again under the lock: one relaunch
+            if record.state != WAITING_FOR_LABELS or job_id in self._running or self._closed:
+                return record  # closed: the next service process relaunches it (_recover)
+            logger.info("job %s: its relabel round closed; resuming it", job_id)
+            record = replace(record, state=QUEUED, error="", end_time=None)
+            self._running[job_id] = _Running()
+            waiting = self._waiting_round(job_id)
+            if waiting is not None:
+                self._resumed[job_id] = waiting
+            try:
+                self._write_lease(job_id)  # before the record, as in _enqueue
+                self._save(record)
+            except BaseException:
+                self._running.pop(job_id, None)
+                raise
+        self._launch(record)
+        return record
 
     # ------------------------------------------------------------------- results
 
@@ -930,7 +1031,8 @@ def _error_line(log: str) -> str:
 # ----------------------------------------------------------------------------- Prefect mode
 
 _PREFECT_STATES = {
-    "SCHEDULED": QUEUED, "PENDING": QUEUED, "PAUSED": QUEUED,
+    # PAUSED covers Prefect's Paused and Suspended: the active-clean flow waiting for input.
+    "SCHEDULED": QUEUED, "PENDING": QUEUED, "PAUSED": WAITING_FOR_LABELS,
     "RUNNING": RUNNING, "COMPLETED": SUCCEEDED, "FAILED": FAILED, "CRASHED": FAILED,
     "CANCELLING": RUNNING, "CANCELLED": CANCELLED,
 }  # fmt: skip
@@ -947,6 +1049,7 @@ class PrefectJobManager(JobManager):
     from the shared artifact store. Jobs survive a restart of the service."""
 
     deployment: str = "clean-labels/local"
+    active_deployment: str = "active-clean/local"
 
     def _check_can_run(self) -> None:
         """Prefect workers train, not this process."""
@@ -973,15 +1076,17 @@ class PrefectJobManager(JobManager):
     def _launch(self, record: JobRecord) -> None:
         from prefect.deployments import run_deployment
 
+        deployment = self.active_deployment if is_active(record.spec) else self.deployment
+        settings = {k: v for k, v in record.spec.items() if k != "kind"}
         try:
             run = run_deployment(
-                self.deployment,
-                parameters={"settings": record.spec, "job_id": record.job_id},
+                deployment,
+                parameters={"settings": settings, "job_id": record.job_id},
                 timeout=0,
             )
         except Exception as err:
             record.state, record.end_time = FAILED, _now()
-            record.error = f"could not create a run of deployment {self.deployment}: {err}"
+            record.error = f"could not create a run of deployment {deployment}: {err}"
             self._save(record)
             raise OrchestratorUnavailable(record.error) from err
         record.flow_run_id = str(run.id)  # type: ignore[union-attr]
@@ -1006,6 +1111,11 @@ class PrefectJobManager(JobManager):
         if state == SUCCEEDED and not self._job(record.job_id).is_complete():
             state = FAILED
             record.error = "the flow run completed but the job has no manifest"
+        if state == WAITING_FOR_LABELS and not is_active(record.spec):
+            return record  # a clean-labels run paused by hand: not waiting for labels
+        if state == WAITING_FOR_LABELS and record.state == WAITING_FOR_LABELS:
+            # Still suspended though its round is closed: resuming it failed before; retry.
+            self._retry_resume(record)
         if state == record.state:
             return record
         record.state = state
@@ -1017,6 +1127,38 @@ class PrefectJobManager(JobManager):
                 record.error = (run.state.message or prefect_state.lower()) if run.state else ""
         self._save(record)
         return record
+
+    def resume(self, job_id: str) -> JobRecord:
+        """Resume the job's suspended flow run; the flow reads the answers from the store
+        (the input it is resumed with stays empty)."""
+        from prefect.flow_runs import NotPausedError, resume_flow_run
+
+        record = self.get(job_id)
+        if not record.flow_run_id or record.terminal or not self._round_closed(job_id):
+            return record
+        try:
+            resume_flow_run(uuid.UUID(record.flow_run_id), run_input={"rows": []})
+        except NotPausedError:
+            # Not suspended (yet): the flow checks whether its round is closed before it
+            # suspends, and reads the answers from the store either way.
+            logger.info("job %s: its flow run is not paused; nothing to resume", job_id)
+        except Exception as err:
+            raise OrchestratorUnavailable(
+                f"job {job_id}: the round is closed but its flow run could not be resumed "
+                f"({err}); the service retries when the job is read next (GetJob)"
+            ) from err
+        return self.get(job_id)
+
+    def _retry_resume(self, record: JobRecord) -> None:
+        try:
+            if not self._round_closed(record.job_id):
+                return
+            from prefect.flow_runs import NotPausedError, resume_flow_run
+
+            with contextlib.suppress(NotPausedError):
+                resume_flow_run(uuid.UUID(record.flow_run_id), run_input={"rows": []})
+        except Exception as err:  # best effort: the next read tries again
+            logger.warning("job %s: could not resume its flow run: %s", record.job_id, err)
 
     def cancel(self, job_id: str) -> JobRecord:
         from prefect import get_client

@@ -22,8 +22,8 @@ services (or two tests) in one process do not share or collide on series.
 ``method`` is the full gRPC method name (``/noisescore.v1.NoiseScoring/GetJob``); ``code``
 the final status code's name (``OK``, ``NOT_FOUND``, ``UNAUTHENTICATED``, ``INTERNAL``, ...;
 ``CANCELLED`` when the client went away first); ``state`` one of queued, running,
-succeeded, failed, cancelled (all five present from the start, at 0). The duration buckets
-span 0.5 ms to 30 s.
+succeeded, failed, cancelled, waiting_for_labels (all six present from the start, at 0).
+The duration buckets span 0.5 ms to 30 s.
 
 Calls to a method the server does not have are counted as ``method="unknown"``,
 ``code="UNIMPLEMENTED"`` (a client cannot create series by inventing method names). Calls
@@ -54,7 +54,7 @@ DURATION_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
 )  # fmt: skip
 BATCH_SIZE_BUCKETS = tuple(float(2**i) for i in range(13))  # 1, 2, 4, .. 4096
-JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled", "waiting_for_labels")
 UNKNOWN_METHOD = "unknown"
 DEFAULT_HOST = "127.0.0.1"
 

@@ -29,6 +29,14 @@ from pydantic import ValidationError
 from noisescore.datasets import canonical_dataset_uri
 from noisescore.jobs import IncompleteJob, JobStore, validate_job_id
 from noisescore.ml.noise import NoiseSpecError
+from noisescore.relabels import (
+    NOT_RECORDED,
+    Answer,
+    RelabelBook,
+    RoundClosed,
+    RoundNotOpen,
+    Submission,
+)
 from noisescore.service.executor import RpcExecutor, blocking_stream, blocking_unary
 from noisescore.service.inference import (
     MAX_INFLIGHT_PIXELS,
@@ -46,9 +54,11 @@ from noisescore.service.inference import (
     score_labels,
 )
 from noisescore.service.jobs import (
+    ACTIVE,
     RUNNING,
     STATES,
     SUCCEEDED,
+    WAITING_FOR_LABELS,
     IdempotencyConflict,
     JobManager,
     JobNotFound,
@@ -57,10 +67,11 @@ from noisescore.service.jobs import (
     NoTrainingRuntime,
     OrchestratorUnavailable,
     QueueFull,
+    is_active,
     public_error,
 )
 from noisescore.service.watches import TooManyWatches, WatchesClosed, WatchHub
-from noisescore.settings import CleanSettings
+from noisescore.settings import ActiveSettings, CleanSettings
 from noisescore.storage import CorruptArtifact, StorageError, StorageUnavailable
 from noisescore.uris import DataError, DatasetAccessDenied, DatasetPolicy
 from noisescore.v1 import noise_scoring_pb2 as pb
@@ -90,7 +101,17 @@ STRING_CAPS = {
     "kind": 32,
     "page_token": 1024,
     "sample_id": 512,
+    "annotator": 128,
+    "lnl_method": 32,
+    "vog_mode": 16,
+    "sampler": 32,
+    "expert": 16,
 }
+# SubmitRelabels answers INVALID_ARGUMENT with every row's reason in this trailing metadata
+# entry: a serialized SubmitRelabelsResponse (the message itself names at most
+# MAX_REASONS_IN_MESSAGE rows).
+RELABEL_RESULTS_KEY = "noisescore-relabel-results-bin"
+MAX_REASONS_IN_MESSAGE = 20
 # At most this much of a caller's own input is echoed in an error message.
 ECHO_CHARS = 200
 NOISE_KINDS = ("symmetric", "uniform", "pairflip", "instance")
@@ -115,7 +136,7 @@ def _status_of(err: Exception) -> tuple[grpc.StatusCode, str] | None:
         (JobNotFound, grpc.StatusCode.NOT_FOUND),
         ((RequestError, InputError, NoiseSpecError), grpc.StatusCode.INVALID_ARGUMENT),
         (
-            (NotReady, IncompleteJob, ModelError, NoTrainingRuntime),
+            (NotReady, IncompleteJob, ModelError, NoTrainingRuntime, RoundNotOpen, RoundClosed),
             grpc.StatusCode.FAILED_PRECONDITION,
         ),
         (
@@ -313,14 +334,7 @@ def validate_settings(fields: dict[str, Any]) -> None:
     try:
         CleanSettings(**fields)
     except ValidationError as err:
-        parts = []
-        for e in err.errors():
-            where = ".".join(str(x) for x in e["loc"])
-            where = {"dataset": "dataset_uri"}.get(where, where)
-            msg = e["msg"].removeprefix("Value error, ")
-            parts.append(f"spec.{where}: {msg}" if where else msg)
-        inputs = [v for v in fields.values() if isinstance(v, str)]
-        raise RequestError(clip_echoes("; ".join(parts), inputs)) from err
+        raise RequestError(_settings_problems(err, fields)) from err
 
 
 def settings_to_spec(fields: dict[str, Any], idempotency_key: str) -> pb.CleaningJobSpec:
@@ -347,13 +361,144 @@ def settings_to_spec(fields: dict[str, Any], idempotency_key: str) -> pb.Cleanin
     return spec
 
 
+def _noise_field(noise: pb.NoiseInjection) -> str | None:
+    """``"kind:rate"`` of a spec's noise injection, None without one."""
+    if noise.kind:
+        if noise.kind not in NOISE_KINDS:
+            raise RequestError(
+                f"spec.noise.kind {noise.kind!r} is not one of {', '.join(NOISE_KINDS)}"
+            )
+        if not 0.0 <= noise.rate <= 1.0:
+            raise RequestError(f"spec.noise.rate must lie in [0, 1], got {noise.rate}")
+        return f"{noise.kind}:{noise.rate:g}"
+    if noise.rate:
+        raise RequestError("spec.noise.rate is set but spec.noise.kind is empty")
+    return None
+
+
+_ACTIVE_INTS = ("epochs", "clean_epochs", "rounds", "budget", "fine_tune_epochs")
+_ACTIVE_STRINGS = ("model", "lnl_method", "vog_mode", "sampler", "expert", "device")
+
+
+def active_spec_to_settings_fields(spec: pb.ActiveCleaningJobSpec) -> dict[str, Any]:
+    """The ActiveSettings fields an active spec sets (defaults for what it leaves at zero)."""
+    if not spec.dataset_uri:
+        raise RequestError("spec.dataset_uri is required (medmnist://NAME, file:///…, s3://…)")
+    fields: dict[str, Any] = {"dataset": spec.dataset_uri}
+    for name in _ACTIVE_STRINGS:
+        if getattr(spec, name):
+            fields[name] = getattr(spec, name)
+    for name in _ACTIVE_INTS:
+        value = getattr(spec, name)
+        if value < 0:
+            raise RequestError(f"spec.{name} must be positive (0 = the default), got {value}")
+        if value:
+            fields[name] = value
+    if spec.HasField("seed"):
+        fields["seed"] = spec.seed
+    noise = _noise_field(spec.noise)
+    if noise is not None:
+        fields["noise"] = noise
+    if not np.isfinite(spec.imbalance) or spec.imbalance < 0:
+        raise RequestError(f"spec.imbalance must be 0 (none) or a ratio >= 1, got {spec.imbalance}")
+    if spec.imbalance:
+        fields["imbalance"] = spec.imbalance
+    for name in ("forget_rate", "mix_ratio"):
+        if spec.HasField(name):
+            fields[name] = getattr(spec, name)
+    return fields
+
+
+def validate_active_settings(fields: dict[str, Any]) -> None:
+    """Reject what ``noisescore active-clean`` would reject, before the job is queued."""
+    try:
+        ActiveSettings(**fields)
+    except ValidationError as err:
+        raise RequestError(_settings_problems(err, fields)) from err
+
+
+def _settings_problems(err: ValidationError, fields: dict[str, Any]) -> str:
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e["loc"])
+        where = {"dataset": "dataset_uri"}.get(where, where)
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"spec.{where}: {msg}" if where else msg)
+    inputs = [v for v in fields.values() if isinstance(v, str)]
+    return clip_echoes("; ".join(parts), inputs)
+
+
+def settings_to_active_spec(
+    fields: dict[str, Any], idempotency_key: str
+) -> pb.ActiveCleaningJobSpec:
+    spec = pb.ActiveCleaningJobSpec(
+        dataset_uri=canonical_dataset_uri(str(fields.get("dataset", ""))),
+        idempotency_key=idempotency_key,
+        imbalance=float(fields.get("imbalance") or 0.0),
+    )
+    for name in _ACTIVE_STRINGS:
+        setattr(spec, name, str(fields.get(name) or ""))
+    for name in _ACTIVE_INTS:
+        setattr(spec, name, int(fields.get(name) or 0))
+    if fields.get("seed") is not None:
+        spec.seed = int(fields["seed"])
+    for name in ("forget_rate", "mix_ratio"):
+        if fields.get(name) is not None:
+            setattr(spec, name, float(fields[name]))
+    if fields.get("noise"):
+        kind, _, rate = str(fields["noise"]).partition(":")
+        spec.noise.kind, spec.noise.rate = kind, float(rate or 0)
+    return spec
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """A uint8 ``(C, H, W)`` image (C 1 or 3) as PNG."""
+    from PIL import Image
+
+    pixels = image[0] if image.shape[0] == 1 else np.ascontiguousarray(image.transpose(1, 2, 0))
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def submit_relabels_response(outcome: Submission) -> pb.SubmitRelabelsResponse:
+    return pb.SubmitRelabelsResponse(
+        results=[
+            pb.RelabelResult(sample_id=r.sample_id, accepted=r.accepted, reason=r.reason)
+            for r in outcome.rows
+        ],
+        round_closed=outcome.closed,
+        n_answered=outcome.n_answered,
+        n_queued=outcome.n_queued,
+    )
+
+
+def rejected_message(outcome: Submission) -> str:
+    """INVALID_ARGUMENT's message: which rows are invalid and why (the first few)."""
+    bad = [
+        (i, r) for i, r in enumerate(outcome.rows) if not r.accepted and r.reason != NOT_RECORDED
+    ]
+    lines = [f"relabels[{i}] (sample_id {echo(r.sample_id, 64)}): {r.reason}" for i, r in bad]
+    more = len(lines) - MAX_REASONS_IN_MESSAGE
+    text = "; ".join(lines[:MAX_REASONS_IN_MESSAGE])
+    if more > 0:
+        text += f"; and {more} more (all in the trailing metadata {RELABEL_RESULTS_KEY})"
+    return f"{len(bad)} of {len(outcome.rows)} relabels are invalid, nothing was recorded: {text}"
+
+
 # ----------------------------------------------------------------------------- corrections
 
 
 #: trust.csv columns that are not detector scores (the file's first columns).
 _BASE_COLUMNS = (
     "index", "sample_id", "observed_label", "trust", "flagged", "corrected_label", "true_label",
+    "source", "relabel_round",
 )  # fmt: skip
+#: trust.csv's ``source`` column (active cleaning jobs) -> Correction.Source.
+_SOURCES = {
+    "observed": pb.Correction.OBSERVED, "model": pb.Correction.MODEL,
+    "expert": pb.Correction.EXPERT,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -371,6 +516,7 @@ class CorrectionTable:
     flagged: np.ndarray
     corrected: np.ndarray
     detector_scores: dict[str, np.ndarray]
+    source: np.ndarray  # Correction.Source values
 
     @classmethod
     def parse(cls, data: bytes) -> CorrectionTable:
@@ -382,21 +528,30 @@ class CorrectionTable:
         scores = {
             name: np.array([float(r[col[name]]) for r in body], dtype=np.float64) for name in extra
         }
-        if scores:
+        if scores and "source" not in col:  # LiNC's trust is a detector score too
             scores = {"linc": trust, **scores}
+        observed = np.array([int(r[col["observed_label"]]) for r in body], dtype=np.int64)
+        corrected = np.array([int(r[col["corrected_label"]]) for r in body], dtype=np.int64)
+        if "source" in col:  # active cleaning: who gave each label
+            source = np.array([_SOURCES[r[col["source"]]] for r in body], dtype=np.int64)
+        else:  # LiNC: the model changed a label or kept it
+            source = np.where(
+                corrected != observed, pb.Correction.MODEL, pb.Correction.OBSERVED
+            ).astype(np.int64)
         return cls(
             sample_id=[r[col["sample_id"]] for r in body],
-            observed=np.array([int(r[col["observed_label"]]) for r in body], dtype=np.int64),
+            observed=observed,
             trust=trust,
             flagged=np.array([r[col["flagged"]] == "1" for r in body], dtype=bool),
-            corrected=np.array([int(r[col["corrected_label"]]) for r in body], dtype=np.int64),
+            corrected=corrected,
             detector_scores=scores,
+            source=source,
         )
 
     def rows(self, indices: np.ndarray, *, full: bool = False) -> list[pb.Correction]:
         """``full``: with ``detector_scores`` (``CORRECTION_VIEW_FULL``)."""
         ids, obs, trust = self.sample_id, self.observed, self.trust
-        flagged, corrected = self.flagged, self.corrected
+        flagged, corrected, source = self.flagged, self.corrected, self.source
         order = indices.tolist()
         rows = [
             pb.Correction(
@@ -406,6 +561,7 @@ class CorrectionTable:
                 trust=float(trust[i]),
                 flagged=bool(flagged[i]),
                 corrected_label=int(corrected[i]),
+                source=int(source[i]),  # type: ignore[arg-type]
             )
             for i in order
         ]
@@ -494,7 +650,7 @@ class NoiseScoringServicer(pb_grpc.NoiseScoringServicer):
         self.max_request_pixels = max_request_pixels
         self.pixels = PixelBudget(max_inflight_pixels, setting="NOISESCORE_MAX_INFLIGHT_PIXELS")
         # Every WatchJob stream is a coroutine fed by this one poller (no RPC thread each).
-        self.watches: WatchHub[tuple[JobRecord, list[pb.JobEvent]]] = WatchHub(
+        self.watches: WatchHub[tuple[JobRecord, list[pb.JobEvent], int]] = WatchHub(
             self._watch_snapshot, interval=watch_interval, max_watches=max_watches
         )
         # Jobs read dataset names from the data dir and URIs under these roots, nothing else.
@@ -567,6 +723,43 @@ class NoiseScoringServicer(pb_grpc.NoiseScoringServicer):
 
         return self._results.get(job_id, load)
 
+    def _active_result(self, job_id: str) -> pb.ActiveJobResult:
+        def load() -> pb.ActiveJobResult:
+            report = self.jobs.report(job_id)
+            try:
+                test = report.get("test") or {}
+                result = pb.ActiveJobResult(
+                    n_train=report["dataset"]["n_train"],
+                    n_classes=report["dataset"]["n_classes"],
+                    n_clean=report["selection"]["n_clean"],
+                    n_relabelled=report["relabelled"]["n"],
+                    rounds=report["settings"]["rounds"],
+                )
+                if test.get("macro_f1") is not None:
+                    result.test_macro_f1 = test["macro_f1"]
+                if test.get("accuracy") is not None:
+                    result.test_accuracy = test["accuracy"]
+            except (KeyError, TypeError, ValueError, AttributeError) as err:
+                raise CorruptArtifact(
+                    f"job {job_id}: report.json does not hold an active cleaning job's results "
+                    f"({type(err).__name__}: {err})"
+                ) from err
+            return result
+
+        return self._results.get(f"active/{job_id}", load)
+
+    def _suspect_cutoff(self, job_id: str) -> float:
+        """ScoreLabels' cut-off: the job's calibrated one (both kinds of job)."""
+        if not is_active(self.jobs.get(job_id).spec):
+            return self._result(job_id).suspect_cutoff
+        try:
+            return self._cutoff(self.jobs.manifest(job_id), self.jobs.report(job_id))
+        except (KeyError, TypeError, ValueError) as err:
+            raise CorruptArtifact(f"job {job_id}: no suspect cut-off in its manifest") from err
+
+    def _waiting_round(self, job_id: str) -> int:
+        return RelabelBook(self._store(job_id)).waiting() or 0
+
     @staticmethod
     def _cutoff(manifest: dict[str, Any], report: dict[str, Any]) -> float:
         if "suspect_cutoff" in manifest:
@@ -578,31 +771,46 @@ class NoiseScoringServicer(pb_grpc.NoiseScoringServicer):
         results are corrupt or inconsistent."""
         if record.damage:
             raise CorruptArtifact(f"job {record.job_id}: {record.damage}")
-        job = pb.Job(
-            name=f"jobs/{record.job_id}",
-            state=pb.Job.State.Value(record.state),
-            spec=settings_to_spec(record.spec, record.idempotency_key),
-            error=record.error,
-            artifacts_uri=self._store(record.job_id).url(),
-        )
+        job = self._job_resource(record)
         for field_name in ("create_time", "start_time", "end_time"):
             stamp = _timestamp(getattr(record, field_name))
             if stamp is not None:
                 getattr(job, field_name).CopyFrom(stamp)
-        if record.state == SUCCEEDED:
+        active = is_active(record.spec)
+        if record.state == SUCCEEDED and active:
+            job.active_result.CopyFrom(self._active_result(record.job_id))
+        elif record.state == SUCCEEDED:
             job.result.CopyFrom(self._result(record.job_id))
         elif record.state == RUNNING:
             events = self._progress_events(record)
             if events:
                 job.progress.CopyFrom(events[-1])
+        elif record.state == WAITING_FOR_LABELS:
+            job.waiting_round = self._waiting_round(record.job_id)
+        return job
+
+    def _job_resource(self, record: JobRecord) -> pb.Job:
+        """Name, state, spec (or active_spec), error and artifacts of a job."""
+        job = pb.Job(
+            name=f"jobs/{record.job_id}",
+            state=pb.Job.State.Value(record.state),
+            error=record.error,
+            artifacts_uri=self._store(record.job_id).url(),
+        )
+        if is_active(record.spec):
+            job.active_spec.CopyFrom(settings_to_active_spec(record.spec, record.idempotency_key))
+        else:
+            job.spec.CopyFrom(settings_to_spec(record.spec, record.idempotency_key))
         return job
 
     def _progress_events(self, record: JobRecord) -> list[pb.JobEvent]:
         progress = self.jobs.progress(record.job_id)
         events = []
-        for stage in ("warmup", "final", "baseline"):
+        # An active job's stages: select, clean, round-1, round-2, ... (in the order stored).
+        stages = list(progress) if is_active(record.spec) else ("warmup", "final", "baseline")
+        for stage in stages:
             e = progress.get(stage)
-            if not e:
+            if not isinstance(e, dict) or not e:
                 continue
             event = pb.JobEvent(
                 name=f"jobs/{record.job_id}",
@@ -626,6 +834,7 @@ class NoiseScoringServicer(pb_grpc.NoiseScoringServicer):
             try:
                 return CorrectionTable.parse(data)
             except (KeyError, IndexError, ValueError) as err:  # checksums fine, content not
+                # (KeyError: also a source that is not observed, model or expert)
                 raise CorruptArtifact(
                     f"job {job_id}: trust.csv is not a corrections table"
                 ) from err
@@ -696,6 +905,28 @@ class NoiseScoringServicer(pb_grpc.NoiseScoringServicer):
         return self._job_message(self.jobs.submit(fields, idempotency_key=key))
 
     @unary
+    def SubmitActiveCleaningJob(
+        self, request: pb.SubmitActiveCleaningJobRequest, context: grpc.ServicerContext
+    ) -> pb.Job:
+        if not request.HasField("spec"):
+            raise RequestError("spec is required")
+        key = request.spec.idempotency_key
+        fields = active_spec_to_settings_fields(request.spec)
+        validate_active_settings(fields)
+        self._admit_dataset(fields["dataset"])
+        fields["dataset_roots"] = list(self.datasets.roots)
+        fields["kind"] = ACTIVE  # the runner starts `noisescore active-clean` (not a setting)
+        return self._job_message(self.jobs.submit(fields, idempotency_key=key))
+
+    def _admit_dataset(self, dataset: str) -> None:
+        try:
+            self.datasets.admit(dataset)  # DatasetAccessDenied: PERMISSION_DENIED
+        except DatasetAccessDenied:
+            raise
+        except DataError as err:
+            raise RequestError(f"spec.dataset_uri: {err}") from err
+
+    @unary
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
         return self._job_message(self.jobs.get(parse_job_name(request.name)))
 
@@ -728,16 +959,12 @@ class NoiseScoringServicer(pb_grpc.NoiseScoringServicer):
             return self._job_message(record)
         except CorruptArtifact as err:
             logger.warning("job %s: %s", record.job_id, err)
-            job = pb.Job(
-                name=f"jobs/{record.job_id}",
-                state=pb.Job.FAILED,
-                spec=settings_to_spec(record.spec, record.idempotency_key),
-                error=(
-                    "DATA_LOSS: the job's stored artifacts are corrupt or inconsistent "
-                    f"({public_error(str(err))}); `noisescore verify {record.job_id}` on the "
-                    "store lists the damage"
-                ),
-                artifacts_uri=self._store(record.job_id).url(),
+            job = self._job_resource(record)
+            job.state = pb.Job.FAILED
+            job.error = (
+                "DATA_LOSS: the job's stored artifacts are corrupt or inconsistent "
+                f"({public_error(str(err))}); `noisescore verify {record.job_id}` on the "
+                "store lists the damage"
             )
             stamp = _timestamp(record.create_time)
             if stamp is not None:
@@ -748,9 +975,10 @@ class NoiseScoringServicer(pb_grpc.NoiseScoringServicer):
     def CancelJob(self, request: pb.CancelJobRequest, context: grpc.ServicerContext) -> pb.Job:
         return self._job_message(self.jobs.cancel(parse_job_name(request.name)))
 
-    def _watch_snapshot(self, job_id: str) -> tuple[JobRecord, list[pb.JobEvent]]:
+    def _watch_snapshot(self, job_id: str) -> tuple[JobRecord, list[pb.JobEvent], int]:
         record = self.jobs.get(job_id)
-        return record, self._progress_events(record)
+        waiting = self._waiting_round(job_id) if record.state == WAITING_FOR_LABELS else 0
+        return record, self._progress_events(record), waiting
 
     async def WatchJob(
         self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext
@@ -760,13 +988,17 @@ class NoiseScoringServicer(pb_grpc.NoiseScoringServicer):
         try:
             job_id = parse_job_name(request.name)
             name = f"jobs/{job_id}"
-            last_state = None
+            last_state: tuple[str, int] | None = None
             seen: dict[str, int] = {}
             async with contextlib.aclosing(self.watches.follow(job_id)) as snapshots:
-                async for record, events in snapshots:
-                    if record.state != last_state:
-                        last_state = record.state
-                        yield pb.JobEvent(name=name, state=pb.Job.State.Value(record.state))
+                async for record, events, waiting in snapshots:
+                    if (record.state, waiting) != last_state:  # a new round waits: an event
+                        last_state = (record.state, waiting)
+                        yield pb.JobEvent(
+                            name=name,
+                            state=pb.Job.State.Value(record.state),
+                            waiting_round=waiting,
+                        )
                     for event in events:
                         if event.epoch > seen.get(event.stage, 0):
                             seen[event.stage] = event.epoch
@@ -835,7 +1067,7 @@ class NoiseScoringServicer(pb_grpc.NoiseScoringServicer):
     ) -> pb.ScoreLabelsResponse:
         job_id, model = self._model_for(request.job, len(request.samples), "samples")
         labels = np.array([s.label for s in request.samples], dtype=np.int64)
-        cutoff = self._result(job_id).suspect_cutoff
+        cutoff = self._suspect_cutoff(job_id)
         with self._images((s.image for s in request.samples), model.info) as images:
             probabilities = model.predict_proba(images)
         scores = score_labels(probabilities, labels, cutoff=cutoff)
@@ -867,6 +1099,89 @@ class NoiseScoringServicer(pb_grpc.NoiseScoringServicer):
                 for row in probabilities
             ]
         )
+
+    # -------------------------------------------------------------- relabel rounds
+
+    def _relabel_round(self, job: str, round: int) -> tuple[str, JobRecord, RelabelBook, int]:
+        """(job id, record, book, round) of a relabel request; ``round`` 0 = the round the
+        job waits for."""
+        job_id = parse_job_name(job, field="job")
+        if round < 0:
+            raise RequestError(
+                f"round must be 0 (the round the job waits for) or >= 1, got {round}"
+            )
+        record = self.jobs.get(job_id)
+        if not is_active(record.spec):
+            raise NotReady(
+                f"job {job_id} is a cleaning job, not an active cleaning job: it has no relabel "
+                "rounds (SubmitActiveCleaningJob starts one)"
+            )
+        book = RelabelBook(self._store(job_id))
+        if round == 0:
+            round = book.waiting() or 0
+            if not round or record.state != WAITING_FOR_LABELS:
+                raise NotReady(
+                    f"job {job_id} is {record.state}, not waiting for labels: give the round"
+                )
+        return job_id, record, book, round
+
+    @unary
+    def GetRelabelQueue(
+        self, request: pb.GetRelabelQueueRequest, context: grpc.ServicerContext
+    ) -> pb.RelabelQueue:
+        job_id, _, book, round = self._relabel_round(request.job, request.round)
+        queue = book.queue(round)  # RoundNotOpen: FAILED_PRECONDITION
+        images = None if request.skip_images else book.images(round)
+        answers = book.answers(round)
+        response = pb.RelabelQueue(
+            job=f"jobs/{job_id}",
+            round=round,
+            closed=book.is_closed(round),
+            n_classes=queue.n_classes,
+            class_names=list(queue.class_names or ()),
+            n_answered=len(answers),
+        )
+        for i, row in enumerate(queue.rows):
+            item = response.items.add(
+                index=row.index,
+                sample_id=row.sample_id,
+                current_label=row.current_label,
+                predicted_label=row.predicted_label,
+                probabilities=row.probabilities,
+                priority=row.score,
+            )
+            if images is not None:
+                item.png = png_bytes(images[i])
+            if row.index in answers:
+                item.answered_label = answers[row.index].label
+        return response
+
+    @unary
+    def SubmitRelabels(
+        self, request: pb.SubmitRelabelsRequest, context: grpc.ServicerContext
+    ) -> pb.SubmitRelabelsResponse:
+        job_id, record, book, round = self._relabel_round(request.job, request.round)
+        if not request.relabels and not request.close_round:
+            raise RequestError("relabels is empty: send at least one, or set close_round")
+        if len(request.relabels) > self.max_batch:
+            raise TooLarge(
+                f"{len(request.relabels)} relabels in one request; the limit is "
+                f"{self.max_batch} (NOISESCORE_MAX_BATCH): split them"
+            )
+        if record.terminal:
+            raise NotReady(f"job {job_id} is {record.state}: its relabel rounds take no answers")
+        answers = [Answer(r.sample_id, r.label, r.annotator) for r in request.relabels]
+        outcome = book.submit(round, answers, source="expert", close=request.close_round)
+        response = submit_relabels_response(outcome)
+        if not outcome.recorded:  # nothing recorded: every row's reason goes back
+            context.set_trailing_metadata([(RELABEL_RESULTS_KEY, response.SerializeToString())])
+            raise RequestError(rejected_message(outcome))
+        if outcome.closed:
+            try:
+                self.jobs.resume(job_id)  # the job goes on with the answers
+            except (OrchestratorUnavailable, StorageError) as err:  # recorded all the same
+                logger.warning("job %s: round %d closed, resume failed: %s", job_id, round, err)
+        return response
 
 
 # ----------------------------------------------------------------------------- registration

@@ -31,9 +31,11 @@ K8S_TEMPLATE = ROOT / "deploy" / "prefect" / "k8s-gpu-job-template.json"
 BIN = Path(sys.executable).parent
 
 
-def _deployments() -> dict[str, dict[str, Any]]:
+def _deployments(flow: str = "clean_labels") -> dict[str, dict[str, Any]]:
+    """The deployments of one flow (by its module), keyed by name: each flow has a
+    ``local`` and a ``gpu`` deployment (``clean-labels/local``, ``active-clean/local``…)."""
     config = yaml.safe_load(PREFECT_YAML.read_text())
-    return {d["name"]: d for d in config["deployments"]}
+    return {d["name"]: d for d in config["deployments"] if f"flows/{flow}.py" in d["entrypoint"]}
 
 
 def _placeholders(value: Any) -> set[str]:
@@ -47,6 +49,22 @@ def _placeholders(value: Any) -> set[str]:
 
 
 # --------------------------------------------------------------------------- static
+
+
+def test_prefect_yaml_deploys_active_clean_with_valid_settings() -> None:
+    from prefect.flows import load_flow_from_entrypoint
+
+    from noisescore.settings import ActiveSettings
+
+    deployments = _deployments("active_clean")
+    assert set(deployments) == {"local", "gpu"}
+    for deployment in deployments.values():
+        flow = load_flow_from_entrypoint(str(ROOT / deployment["entrypoint"]))
+        assert flow.name == "active-clean"
+        ActiveSettings(**deployment["parameters"]["settings"])
+    assert deployments["local"]["work_pool"]["name"] == "noisescore-local"
+    assert deployments["gpu"]["work_pool"]["name"] == "noisescore-gpu"
+    assert deployments["gpu"]["pull"] == _deployments()["gpu"]["pull"]
 
 
 def test_prefect_yaml_deploys_the_flow_with_valid_settings() -> None:

@@ -198,6 +198,7 @@ def test_service_probes_are_grpc_on_the_health_port(objects: list[dict[str, Any]
     assert env["NOISESCORE_HEALTH_ADDR"] == "0.0.0.0:8081"
     assert env["NOISESCORE_JOB_RUNNER"] == "prefect"
     assert env["NOISESCORE_PREFECT_DEPLOYMENT"] == "clean-labels/gpu"
+    assert env["NOISESCORE_PREFECT_ACTIVE_DEPLOYMENT"] == "active-clean/gpu"
     grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace > int(env["NOISESCORE_SHUTDOWN_GRACE"])
 
@@ -226,7 +227,10 @@ def test_worker_registers_pool_and_deployment(default_objects: list[dict[str, An
     script = register["args"][0]
     assert "--base-job-template /etc/noisescore/job-template.json --overwrite" in script
     assert "set-concurrency-limit noisescore-gpu 1" in script
-    assert "deploy --prefect-file /app/prefect.yaml --name clean-labels/gpu" in script
+    assert (
+        "deploy --prefect-file /app/prefect.yaml --name clean-labels/gpu "
+        "--name active-clean/gpu --pool" in script
+    )
     (container,) = spec["containers"]
     assert container["command"][:3] == ["prefect", "worker", "start"]
     assert "--with-healthcheck" in container["command"]
@@ -566,6 +570,9 @@ def test_registration_commands_against_a_real_api(prefect_api: str, tmp_path: Pa
         async with get_client() as client:
             work_pool = await client.read_work_pool(pool)
             deployment = await client.read_deployment_by_name("clean-labels/gpu")
+            active = await client.read_deployment_by_name("active-clean/gpu")
+            assert active.work_pool_name == pool
+            assert active.entrypoint == "flows/active_clean.py:active_clean"
             return work_pool, deployment
 
     work_pool, deployment = asyncio.run(read())

@@ -153,10 +153,14 @@ def test_finish_sets_state_one_hot_and_last_success(gateway: Gateway) -> None:
         for (name, labels), value in samples.items()
         if name == "noisescore_job_state"
     }
-    assert states == {"queued": 0, "running": 0, "succeeded": 1, "failed": 0, "cancelled": 0}
+    assert states == {
+        "queued": 0, "running": 0, "succeeded": 1, "failed": 0, "cancelled": 0,
+        "waiting_for_labels": 0,
+    }  # fmt: skip
     success = samples[key("noisescore_job_last_success_timestamp_seconds", job_id="job-1")]
     assert success > 1.7e9
-    with pytest.raises(ValueError, match="queued, running, succeeded, failed, cancelled"):
+    states = "queued, running, succeeded, failed, cancelled, waiting_for_labels"
+    with pytest.raises(ValueError, match=states):
         metrics.finish("done")
 
 

@@ -32,9 +32,11 @@ def test_api_shape() -> None:
     assert {m.name for m in service.methods} == {
         "SubmitCleaningJob", "GetJob", "ListJobs", "CancelJob", "WatchJob",
         "GetCorrections", "StreamCorrections", "ScoreLabels", "Predict",
+        "SubmitActiveCleaningJob", "GetRelabelQueue", "SubmitRelabels",
     }  # fmt: skip
     streams = {m.name for m in service.methods if m.server_streaming}
     assert streams == {"WatchJob", "StreamCorrections"}
     assert [v.name for v in pb.Job.State.DESCRIPTOR.values] == [
         "STATE_UNSPECIFIED", "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED",
+        "WAITING_FOR_LABELS",
     ]  # fmt: skip

@@ -202,7 +202,7 @@ def test_malformed_list_states_and_page_tokens_are_invalid_argument(tmp_path: Pa
             )
             assert code == grpc.StatusCode.INVALID_ARGUMENT, (page_token[:40], code, details)
             assert "page_token" in details
-        for state in (6, 99, -1, 2**31 - 1):
+        for state in (7, 99, -1, 2**31 - 1):
             request = pb.ListJobsRequest()
             request.state = state  # type: ignore[assignment]  # an open enum on the wire
             code, details = _code(lambda r=request: client.stub.ListJobs(r))

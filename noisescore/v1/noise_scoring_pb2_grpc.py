@@ -79,6 +79,21 @@ class NoiseScoringStub:
                 request_serializer=noisescore_dot_v1_dot_noise__scoring__pb2.PredictRequest.SerializeToString,
                 response_deserializer=noisescore_dot_v1_dot_noise__scoring__pb2.PredictResponse.FromString,
                 _registered_method=True)
+        self.SubmitActiveCleaningJob = channel.unary_unary(
+                '/noisescore.v1.NoiseScoring/SubmitActiveCleaningJob',
+                request_serializer=noisescore_dot_v1_dot_noise__scoring__pb2.SubmitActiveCleaningJobRequest.SerializeToString,
+                response_deserializer=noisescore_dot_v1_dot_noise__scoring__pb2.Job.FromString,
+                _registered_method=True)
+        self.GetRelabelQueue = channel.unary_unary(
+                '/noisescore.v1.NoiseScoring/GetRelabelQueue',
+                request_serializer=noisescore_dot_v1_dot_noise__scoring__pb2.GetRelabelQueueRequest.SerializeToString,
+                response_deserializer=noisescore_dot_v1_dot_noise__scoring__pb2.RelabelQueue.FromString,
+                _registered_method=True)
+        self.SubmitRelabels = channel.unary_unary(
+                '/noisescore.v1.NoiseScoring/SubmitRelabels',
+                request_serializer=noisescore_dot_v1_dot_noise__scoring__pb2.SubmitRelabelsRequest.SerializeToString,
+                response_deserializer=noisescore_dot_v1_dot_noise__scoring__pb2.SubmitRelabelsResponse.FromString,
+                _registered_method=True)
 
 
 class NoiseScoringServicer:
@@ -147,6 +162,33 @@ class NoiseScoringServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitActiveCleaningJob(self, request, context):
+        """Start an active label cleaning job (the active-clean flow): learning with noisy labels
+        selects a clean set, then rounds of expert relabelling fix the noisy samples that matter
+        most. With expert "human" the job is WAITING_FOR_LABELS at each round until the round is
+        answered with SubmitRelabels. The same idempotency_key returns the same job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRelabelQueue(self, request, context):
+        """The samples a relabel round asks about: ids, current labels, the model's prediction and
+        probabilities, and each image as PNG for a labelling tool.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitRelabels(self, request, context):
+        """Answer a relabel round: all rows are recorded, or (INVALID_ARGUMENT) none, with a reason
+        per row. Idempotent per (sample, round): the same label again is accepted, another label
+        for an answered sample is refused. A closed round is FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NoiseScoringServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -194,6 +236,21 @@ def add_NoiseScoringServicer_to_server(servicer, server):
                     servicer.Predict,
                     request_deserializer=noisescore_dot_v1_dot_noise__scoring__pb2.PredictRequest.FromString,
                     response_serializer=noisescore_dot_v1_dot_noise__scoring__pb2.PredictResponse.SerializeToString,
+            ),
+            'SubmitActiveCleaningJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitActiveCleaningJob,
+                    request_deserializer=noisescore_dot_v1_dot_noise__scoring__pb2.SubmitActiveCleaningJobRequest.FromString,
+                    response_serializer=noisescore_dot_v1_dot_noise__scoring__pb2.Job.SerializeToString,
+            ),
+            'GetRelabelQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRelabelQueue,
+                    request_deserializer=noisescore_dot_v1_dot_noise__scoring__pb2.GetRelabelQueueRequest.FromString,
+                    response_serializer=noisescore_dot_v1_dot_noise__scoring__pb2.RelabelQueue.SerializeToString,
+            ),
+            'SubmitRelabels': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitRelabels,
+                    request_deserializer=noisescore_dot_v1_dot_noise__scoring__pb2.SubmitRelabelsRequest.FromString,
+                    response_serializer=noisescore_dot_v1_dot_noise__scoring__pb2.SubmitRelabelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -439,6 +496,87 @@ class NoiseScoring:
             '/noisescore.v1.NoiseScoring/Predict',
             noisescore_dot_v1_dot_noise__scoring__pb2.PredictRequest.SerializeToString,
             noisescore_dot_v1_dot_noise__scoring__pb2.PredictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitActiveCleaningJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/noisescore.v1.NoiseScoring/SubmitActiveCleaningJob',
+            noisescore_dot_v1_dot_noise__scoring__pb2.SubmitActiveCleaningJobRequest.SerializeToString,
+            noisescore_dot_v1_dot_noise__scoring__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRelabelQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/noisescore.v1.NoiseScoring/GetRelabelQueue',
+            noisescore_dot_v1_dot_noise__scoring__pb2.GetRelabelQueueRequest.SerializeToString,
+            noisescore_dot_v1_dot_noise__scoring__pb2.RelabelQueue.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitRelabels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/noisescore.v1.NoiseScoring/SubmitRelabels',
+            noisescore_dot_v1_dot_noise__scoring__pb2.SubmitRelabelsRequest.SerializeToString,
+            noisescore_dot_v1_dot_noise__scoring__pb2.SubmitRelabelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

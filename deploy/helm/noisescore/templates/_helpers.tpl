@@ -164,6 +164,11 @@ Prefect API env (URL, and the Cloud API key by reference).
 {{- printf "clean-labels/%s" .Values.prefect.deploymentName }}
 {{- end }}
 
+{{/* The active-clean flow's deployment of the same name (relabel rounds suspend it). */}}
+{{- define "noisescore.prefect.activeDeployment" -}}
+{{- printf "active-clean/%s" .Values.prefect.deploymentName }}
+{{- end }}
+
 {{/*
 "true" when a ServiceMonitor is rendered: enabled true, or auto and the CRD is served.
 */}}

@@ -1,0 +1,48 @@
+"""Learning-with-noisy-labels methods: how the one training loop treats noisy labels.
+
+Every method is one file and one :class:`~noisescore.ml.methods.base.Method` (a hook on
+the one training loop), registered by name in :data:`METHODS`; :func:`create_method`
+builds one by name. Two-network methods (``n_models == 2``) take the second network as
+``peer``. Shared pieces: the forget-rate schedule and small-loss selection
+(:mod:`~noisescore.ml.methods.schedule`), the VOG tracker (:mod:`~noisescore.ml.methods.vog`).
+
+    ce, coteaching, coteaching_vog
+"""
+
+from __future__ import annotations
+
+from noisescore.ml.methods import ce, coteaching, coteaching_vog  # noqa: F401  (registration)
+from noisescore.ml.methods.base import (
+    METHOD_NAMES,
+    METHODS,
+    Method,
+    MethodError,
+    create_method,
+    method_params,
+    register_method,
+)
+from noisescore.ml.methods.ce import CrossEntropy
+from noisescore.ml.methods.coteaching import CoTeaching
+from noisescore.ml.methods.coteaching_vog import CoTeachingVOG, mixed_selection
+from noisescore.ml.methods.schedule import forget_rate_schedule, n_keep, small_loss_indices
+from noisescore.ml.methods.vog import VOGMode, VOGTracker, label_row_gradient
+
+__all__ = [
+    "METHODS",
+    "METHOD_NAMES",
+    "CoTeaching",
+    "CoTeachingVOG",
+    "CrossEntropy",
+    "Method",
+    "MethodError",
+    "VOGMode",
+    "VOGTracker",
+    "create_method",
+    "forget_rate_schedule",
+    "label_row_gradient",
+    "method_params",
+    "mixed_selection",
+    "n_keep",
+    "register_method",
+    "small_loss_indices",
+]
