@@ -21,6 +21,7 @@ answers; benchmarks chain them in memory with :class:`Oracle`.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import io
@@ -88,7 +89,10 @@ SELECTION_FIELDS = (
     "lr", "weight_decay", "lr_milestones", "augment", "epochs", "lnl_method", "forget_rate",
     "t_k", "mix_ratio", "vog_window", "vog_warmup", "vog_mode", "select_last",
 )  # fmt: skip
-LEARNER_FIELDS = (*SELECTION_FIELDS, "clean_epochs", "sampler", "budget", "fine_tune_epochs")
+LEARNER_FIELDS = (
+    *SELECTION_FIELDS, "clean_epochs", "sampler", "budget", "fine_tune_epochs", "fine_tune_lr",
+    "keep_start",
+)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- phase 1
@@ -284,16 +288,28 @@ def selection_metrics(
 
 class BestValidation(Hook):
     """After every epoch: macro-F1 on val (model selection); at a new best, on test too,
-    and the weights are kept. Without a val split the last epoch counts as best."""
+    and the weights are kept. Without a val split the last epoch counts as best.
+
+    With ``include_start`` the weights the fit starts from are a candidate too (epoch 0):
+    a fine-tuning round that does not improve validation keeps the model it had."""
 
     def __init__(
-        self, val: tuple[DeviceImages, np.ndarray] | None, test: tuple[DeviceImages, np.ndarray]
+        self,
+        val: tuple[DeviceImages, np.ndarray] | None,
+        test: tuple[DeviceImages, np.ndarray],
+        *,
+        include_start: bool = False,
     ) -> None:
         self.val, self.test = val, test
+        self.include_start = include_start
         self.best_epoch_ = 0
         self.best_val_f1_: float | None = None
         self.best_state_: dict[str, torch.Tensor] | None = None
         self.test_f1_at_best_: float | None = None
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        if self.include_start and self.val is not None and trainer.epoch == 0:
+            self.on_epoch_end(trainer, 0, {})
 
     @staticmethod
     def _f1(trainer: Trainer, split: tuple[DeviceImages, np.ndarray]) -> float:
@@ -356,6 +372,7 @@ class Learner:
         reference = test.true_labels if test.true_labels is not None else test.labels
         self.test = (self._images(test.images), np.asarray(reference))
         self.phases: list[Phase] = []
+        self._optimizer_state: dict[str, Any] | None = None
 
     def _images(self, images: np.ndarray) -> DeviceImages:
         return DeviceImages(images, self.device, mean=self.mean, std=self.std)
@@ -379,18 +396,21 @@ class Learner:
         progress: bool = False,
     ) -> Phase:
         """Train ``epochs`` on the training samples ``indices`` with ``labels`` (plain CE, a
-        fresh Adam), then keep the best validation epoch's weights."""
+        fresh Adam at ``lr``, or ``fine_tune_lr`` for a round > 0), then keep the best
+        validation epoch's weights (in a round, the starting weights are a candidate)."""
         start = time.perf_counter()
         if epochs == 0 or len(indices) < 2:
             phase = Phase(round, len(indices), n_relabelled, 0, 0, None, None, 0.0)
             self.phases.append(phase)
             return phase
-        best = BestValidation(self.val, self.test)
+        best = BestValidation(self.val, self.test, include_start=self.settings.keep_start)
         config = TrainConfig(
             epochs=epochs,
             batch_size=self.settings.batch_size,
-            lr=self.settings.lr,
+            lr=self.settings.lr if round == 0 else self.settings.fine_tune_lr,
             weight_decay=self.settings.weight_decay,
+            # No decay: on a long-tailed set a decayed, converged model predicts the head
+            # classes (measured: best macro-F1 0.42 vs 0.56 without decay, seed 0).
             lr_milestones=(),
             seed=self.settings.seed + 100 * round,
             augment=self.settings.augment,
@@ -405,7 +425,14 @@ class Learner:
             progress=progress,
             desc=f"round {round}" if round else "clean set",
         )
+        if self._optimizer_state is not None:
+            # The rounds continue one optimisation: a fresh Adam's first steps (about lr
+            # per weight, whatever the gradient) would first undo what the model knows.
+            trainer.optimizer.load_state_dict(self._optimizer_state)
+            for group in trainer.optimizer.param_groups:
+                group["lr"] = group["initial_lr"] = config.lr
         trainer.fit()
+        self._optimizer_state = trainer.optimizer.state_dict()
         if best.best_state_ is not None:
             self.model.load_state_dict(best.best_state_)
         phase = Phase(
@@ -460,11 +487,13 @@ class Learner:
         return out.double().cpu().numpy()
 
     def state_bytes(self, *, fingerprint: str, extra: dict[str, Any]) -> bytes:
-        """The learner's weights and phases (a stage checkpoint: tensors and JSON only)."""
+        """The learner's weights, optimiser state and phases (a stage checkpoint: tensors,
+        numbers and JSON only, loaded with ``weights_only``)."""
         state = {
             "format": LEARNER_FORMAT,
             "fingerprint": fingerprint,
             "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": self._optimizer_state,
             "meta": json.dumps({"phases": [p.as_dict() for p in self.phases], **extra}),
         }
         buffer = io.BytesIO()
@@ -475,7 +504,8 @@ class Learner:
         """Restore :meth:`state_bytes`; returns its ``extra``. ValueError when it does not
         belong to these settings."""
         try:
-            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals([collections.Counter]):
+                state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as err:
             raise ValueError(f"not a noisescore learner checkpoint: {err}") from err
         if not isinstance(state, dict) or state.get("format") != LEARNER_FORMAT:
@@ -483,6 +513,7 @@ class Learner:
         if state.get("fingerprint") != fingerprint:
             raise ValueError("the learner checkpoint was made with different settings")
         self.model.load_state_dict(state["model"])
+        self._optimizer_state = state.get("optimizer")
         meta = json.loads(state["meta"])
         self.phases = [Phase(**p) for p in meta.pop("phases")]
         return meta

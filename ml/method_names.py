@@ -12,7 +12,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 #: The built-in methods' names, sorted.
-METHOD_NAMES: tuple[str, ...] = ("ce", "coteaching", "coteaching_vog")
+METHOD_NAMES: tuple[str, ...] = (
+    "ce",
+    "ce_ls",
+    "codis",
+    "coteaching",
+    "coteaching_plus",
+    "coteaching_vog",
+    "jocor",
+    "sce",
+)
 #: Methods that can select a clean set for active label cleaning (``--lnl-method``).
 SELECTION_METHODS: tuple[str, ...] = ("ce", "coteaching", "coteaching_vog")
 #: Active-learning samplers that rank the suspects for the expert (``--sampler``).

@@ -112,6 +112,15 @@ def _add_active_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=int, help="samples relabelled per round (default 64)")
     p.add_argument("--fine-tune-epochs", type=int, help="epochs after each round (default 5)")
     p.add_argument(
+        "--fine-tune-lr", type=float, help="Adam learning rate after each round (default 1e-3)"
+    )
+    p.add_argument(
+        "--keep-start",
+        action=argparse.BooleanOptionalAction,
+        help="a round keeps its starting weights unless fine-tuning beats them on "
+        "validation (default; --no-keep-start: the best fine-tuning epoch always)",
+    )
+    p.add_argument(
         "--expert",
         choices=["human", "oracle"],
         help="who answers: human (default; the job waits for answers) or oracle (true labels)",

@@ -228,6 +228,12 @@ class ActiveSettings(TrainingSettings):
     rounds: int = Field(8, ge=0, le=100, description="relabelling rounds M")
     budget: int = Field(64, ge=1, le=1_000_000, description="samples relabelled per round a_l")
     fine_tune_epochs: int = Field(5, ge=0, le=10_000, description="epochs after each round")
+    fine_tune_lr: float = Field(1e-3, gt=0, le=10, description="Adam learning rate of the rounds")
+    keep_start: bool = Field(
+        True,
+        description="a round keeps the weights it started from unless a fine-tuning epoch "
+        "beats them on validation",
+    )
     expert: Literal["human", "oracle"] = Field(
         "human",
         description="who answers: human (the run waits for SubmitRelabels / the Prefect UI) "

@@ -227,10 +227,9 @@ def test_worker_registers_pool_and_deployment(default_objects: list[dict[str, An
     script = register["args"][0]
     assert "--base-job-template /etc/noisescore/job-template.json --overwrite" in script
     assert "set-concurrency-limit noisescore-gpu 1" in script
-    assert (
-        "deploy --prefect-file /app/prefect.yaml --name clean-labels/gpu "
-        "--name active-clean/gpu --pool" in script
-    )
+    # One deploy per flow: with several --name, prefect ignores --pool.
+    assert "deploy --prefect-file /app/prefect.yaml --name clean-labels/gpu --pool" in script
+    assert "deploy --prefect-file /app/prefect.yaml --name active-clean/gpu --pool" in script
     (container,) = spec["containers"]
     assert container["command"][:3] == ["prefect", "worker", "start"]
     assert "--with-healthcheck" in container["command"]

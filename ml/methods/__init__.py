@@ -6,7 +6,7 @@ builds one by name. Two-network methods (``n_models == 2``) take the second netw
 ``peer``. Shared pieces: the forget-rate schedule and small-loss selection
 (:mod:`~noisescore.ml.methods.schedule`), the VOG tracker (:mod:`~noisescore.ml.methods.vog`).
 
-    ce, coteaching, coteaching_vog
+    ce, ce_ls, codis, coteaching, coteaching_plus, coteaching_vog, jocor, sce
 """
 
 from __future__ import annotations
@@ -22,19 +22,29 @@ from noisescore.ml.methods.base import (
     register_method,
 )
 from noisescore.ml.methods.ce import CrossEntropy
+from noisescore.ml.methods.ce_ls import LabelSmoothingCE
+from noisescore.ml.methods.codis import CoDis
 from noisescore.ml.methods.coteaching import CoTeaching
+from noisescore.ml.methods.coteaching_plus import CoTeachingPlus
 from noisescore.ml.methods.coteaching_vog import CoTeachingVOG, mixed_selection
+from noisescore.ml.methods.jocor import JoCoR
+from noisescore.ml.methods.sce import SymmetricCE
 from noisescore.ml.methods.schedule import forget_rate_schedule, n_keep, small_loss_indices
 from noisescore.ml.methods.vog import VOGMode, VOGTracker, label_row_gradient
 
 __all__ = [
     "METHODS",
     "METHOD_NAMES",
+    "CoDis",
     "CoTeaching",
+    "CoTeachingPlus",
     "CoTeachingVOG",
     "CrossEntropy",
+    "JoCoR",
+    "LabelSmoothingCE",
     "Method",
     "MethodError",
+    "SymmetricCE",
     "VOGMode",
     "VOGTracker",
     "create_method",
