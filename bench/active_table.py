@@ -155,13 +155,13 @@ def execute(args: argparse.Namespace, run: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- render
 
 
-def _ms(values: list[float]) -> str:
+def _ms(values: list[float], digits: int = 3) -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "–"
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def render(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
@@ -198,11 +198,11 @@ def render(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
                 continue
             cells = [_ms([x["recall_by_class"][c] for x in rs]) for c in range(len(counts))]
             lines.append(
-                f"| {m} | "
+                f"| {m} ({len(rs)} seeds) | "
                 + " | ".join(cells)
                 + f" | {_ms([x['worst_class_recall'] for x in rs])}"
                 + f" | {_ms([x['precision'] for x in rs])}"
-                + f" | {_ms([x['n_clean'] for x in rs])} |"
+                + f" | {_ms([float(x['n_clean']) for x in rs], digits=0)} |"
             )
         lines.append("")
     lines += [
@@ -216,7 +216,9 @@ def render(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
     for rate in rates:
         refs = [r for r in records if r["kind"] == "reference" and r["rate"] == rate]
         clean = [r["all_clean"]["test_macro_f1"] for r in refs]
-        lines.append(f"| {rate} | all clean (true labels) | {_ms(clean)} | | | | | | |")
+        lines.append(
+            f"| {rate} | all clean (true labels, {len(clean)} seeds) | {_ms(clean)} | | | | | | |"
+        )
         target = statistics.fmean(clean) - 0.02 if clean else None
         rounds = [r for r in records if r["kind"] == "rounds" and r["rate"] == rate]
         for sampler in SAMPLERS:
@@ -228,7 +230,7 @@ def render(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
             cells = []
             for k in (0, 2, 4, 6, 8):
                 cells.append(_ms([p[k]["test_macro_f1"] for p in per_seed if len(p) > k]))
-            n_rel = _ms([p[-1]["n_relabelled"] for p in per_seed])
+            n_rel = _ms([float(p[-1]["n_relabelled"]) for p in per_seed], digits=0)
             mean_curve = [
                 statistics.fmean(p[k]["test_macro_f1"] for p in per_seed)
                 for k in range(min(len(p) for p in per_seed))
@@ -242,7 +244,7 @@ def render(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
                 pool = statistics.fmean(r["selection"]["n_noisy_pool"] for r in rounds)
                 where += f" ({rel:.0f} relabelled = {rel / pool:.0%} of the pool)"
             lines.append(
-                f"| {rate} | {ROUNDS_METHOD} + {sampler} | "
+                f"| {rate} | {ROUNDS_METHOD} + {sampler} ({len(per_seed)} seeds) | "
                 + " | ".join(cells)
                 + f" | {n_rel} | {where} |"
             )

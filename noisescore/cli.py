@@ -591,11 +591,25 @@ def _terminate_as_interrupt() -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
+        _drain_prefect()
         _stop_children()
         raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _drain_prefect(timeout: float = 10.0) -> None:
+    """Send Prefect's queued logs and events while the temporary API server still runs.
+    Left to Prefect's exit hook, they are retried against the server that
+    :func:`_stop_children` stopped, and the process outlived a SIGTERM by over a minute
+    on a loaded machine (the hook waits for them without a timeout)."""
+    try:
+        from prefect._internal.concurrency.services import _QueueServiceBase
+
+        _QueueServiceBase.drain_all(timeout=timeout)
+    except Exception:  # best effort: exiting matters more than the last log lines
+        pass
 
 
 def _stop_children(grace: float = 5.0) -> None:
