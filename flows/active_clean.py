@@ -40,7 +40,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.input import RunInput
 from prefect.runtime import deployment, flow_run
 from prefect.states import Failed
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from noisescore import __version__
 from noisescore.flows.clean_labels import (
@@ -48,16 +48,17 @@ from noisescore.flows.clean_labels import (
     JobAlreadyPublished,
     Progress,
     announce_store,
+    check_parameters,
     compute_task,
     default_job_id,
     export_onnx,
+    job_spec,
     load_dataset,
     model_bytes,
     save,
     storage_task,
 )
-from noisescore.jobmetrics import MetricsHook
-from noisescore.jobs import MANIFEST, JobLease, JobStore, validate_job_id
+from noisescore.jobs import MANIFEST, JobLease, JobStore
 from noisescore.ml import active as stages
 from noisescore.ml.clean import PreparedData, TrainedRun
 from noisescore.ml.data import Dataset
@@ -65,7 +66,7 @@ from noisescore.ml.imbalance import long_tailed
 from noisescore.ml.metrics import suspect_cutoff
 from noisescore.ml.outputs import json_bytes, npy_bytes
 from noisescore.relabels import Answer, QueueRow, RelabelBook
-from noisescore.settings import ActiveSettings, StoreSettings, format_settings_error
+from noisescore.settings import ActiveSettings, StoreSettings
 from noisescore.storage import ArtifactRef, open_store
 
 SELECTION = "checkpoints/selection.npz"
@@ -104,7 +105,7 @@ def start_job(job: JobStore, settings: ActiveSettings) -> ArtifactRef:
         )
     if job.exists("spec.json"):
         return job.ref("spec.json")
-    return job.put("spec.json", job_spec(job.job_id, settings))
+    return job.put("spec.json", job_spec(job.job_id, settings, kind="active"))
 
 
 @compute_task("imbalance-and-noise")
@@ -152,7 +153,7 @@ def lnl_select(
     data: PreparedData, settings: ActiveSettings, progress: Progress
 ) -> stages.CleanSelection:
     """Phase 1: the learning-with-noisy-labels method selects the clean set."""
-    hook = _hook(progress, "select", settings.epochs, len(data.train_labels))
+    hook = progress.hook("select", len(data.train_labels), epochs=settings.epochs)
     selection = stages.select_clean(data, settings, hooks=[hook])
     n_clean, n = int(selection.clean.sum()), len(selection.clean)
     line = f"{settings.lnl_method}: {n_clean} of {n} kept as clean"
@@ -188,7 +189,7 @@ def train_clean(
 ) -> stages.Phase:
     """A new model, plain CE on the clean set with the labels it has (observed)."""
     indices = np.flatnonzero(labels.labelled)
-    hook = _hook(progress, "clean", settings.clean_epochs, len(indices))
+    hook = progress.hook("clean", len(indices), epochs=settings.clean_epochs)
     phase = learner.fit(
         indices,
         labels.labels[indices],
@@ -279,7 +280,7 @@ def fine_tune(
 ) -> stages.Phase:
     """Fine-tune on the clean set plus every answer so far."""
     indices = np.flatnonzero(labels.labelled)
-    hook = _hook(progress, f"round-{round}", settings.fine_tune_epochs, len(indices))
+    hook = progress.hook(f"round-{round}", len(indices), epochs=settings.fine_tune_epochs)
     phase = learner.fit(
         indices,
         labels.labels[indices],
@@ -302,7 +303,7 @@ def evaluate(
     labels: stages.Labels,
 ) -> dict[str, Any]:
     report = stages.active_report(settings, data, imbalance, selection, learner, labels)
-    proba = learner.predict_proba(data.dataset.train.images)
+    proba = learner.predict_proba(learner.train_images)
     # ScoreLabels flags new samples whose label quality falls where the noisy pool's did.
     report["suspect_cutoff"] = suspect_cutoff(proba, data.train_labels, ~selection.clean)
     test = report.get("test") or {}
@@ -394,7 +395,9 @@ def active_clean(
     a run outside a deployment reached a round that has no answers yet.
     """
     try:
-        settings, job_id = check_parameters(settings, job_id)
+        if isinstance(settings, dict):  # the service's job record names its kind
+            settings = {k: v for k, v in settings.items() if k != "kind"}
+        settings, job_id = check_parameters(settings, job_id, ActiveSettings)
     except InvalidParameters as err:
         get_run_logger().error("invalid parameters: %s", err)
         return cast(dict[str, Any], Failed(message=f"invalid parameters: {err}"))
@@ -505,12 +508,6 @@ def waiting(job: JobStore, book: RelabelBook, round: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _hook(progress: Progress, stage: str, epochs: int, n_samples: int) -> MetricsHook:
-    return MetricsHook(
-        progress, job_id=progress.job.job_id, stage=stage, epochs=epochs, n_samples=n_samples
-    )
-
-
 def _log_phase(phase: stages.Phase) -> None:
     f1 = "n/a" if phase.test_macro_f1 is None else f"{phase.test_macro_f1:.4f}"
     val = "n/a" if phase.val_macro_f1 is None else f"{phase.val_macro_f1:.4f}"
@@ -589,42 +586,3 @@ def corrections_csv(
             row.append(f"{selection.vog[i]:.6g}")
         writer.writerow(row)
     return buffer.getvalue().encode()
-
-
-def check_parameters(
-    settings: ActiveSettings | dict[str, Any] | None, job_id: str | None
-) -> tuple[ActiveSettings, str | None]:
-    """The flow's parameters as typed settings and a checked job id (one-line errors)."""
-    try:
-        if settings is None:
-            settings = ActiveSettings()
-        elif not isinstance(settings, ActiveSettings):
-            if not isinstance(settings, dict):
-                raise InvalidParameters(
-                    f"settings must be an object of ActiveSettings fields, got "
-                    f"{type(settings).__name__}"
-                )
-            settings = ActiveSettings(**{k: v for k, v in settings.items() if k != "kind"})
-    except ValidationError as err:
-        raise InvalidParameters(format_settings_error(err)) from None
-    except ValueError as err:
-        raise InvalidParameters(str(err)) from None
-    if job_id is not None:
-        try:
-            validate_job_id(job_id)
-        except ValueError as err:
-            raise InvalidParameters(str(err)) from None
-    return settings, job_id
-
-
-def job_spec(job_id: str, settings: ActiveSettings) -> bytes:
-    return json_bytes(
-        {
-            "job_id": job_id,
-            "kind": "active",
-            "created": datetime.now(UTC).isoformat(),
-            "noisescore_version": __version__,
-            "flow_run_id": str(flow_run.id) if flow_run.id else None,
-            "settings": settings.model_dump(mode="json"),
-        }
-    )

@@ -58,6 +58,7 @@ WARMUP_CHECKPOINT = "checkpoints/warmup.pt"
 PROGRESS = "progress.json"
 P = ParamSpec("P")
 R = TypeVar("R")
+S = TypeVar("S", bound=TrainingSettings)
 HISTOGRAM = "trust_histogram.png"
 PARITY_BATCH = 256
 READ_BACK_AT_PUBLISH = (WARMUP_CHECKPOINT, HISTOGRAM, PROGRESS)
@@ -140,9 +141,11 @@ class Progress:
             raise
         self.metrics.finish(self.outcome)
 
-    def hook(self, stage: str, n_samples: int) -> MetricsHook:
+    def hook(self, stage: str, n_samples: int, *, epochs: int | None = None) -> MetricsHook:
+        """Events of ``stage``; ``epochs`` planned for it (default: the settings' epochs)."""
+        planned = self.epochs if epochs is None else epochs
         return MetricsHook(
-            self, job_id=self.job.job_id, stage=stage, epochs=self.epochs, n_samples=n_samples
+            self, job_id=self.job.job_id, stage=stage, epochs=planned, n_samples=n_samples
         )
 
     def __call__(self, event: ProgressEvent) -> None:
@@ -409,7 +412,7 @@ def clean_labels(
     values, before any work.
     """
     try:
-        settings, job_id = check_parameters(settings, job_id)
+        settings, job_id = check_parameters(settings, job_id, CleanSettings)
     except InvalidParameters as err:
         get_run_logger().error("invalid parameters: %s", err)
         # A returned Failed state ends the run with this message and no traceback; called
@@ -455,9 +458,10 @@ def clean_labels(
 
 
 def check_parameters(
-    settings: CleanSettings | dict[str, Any] | None, job_id: str | None
-) -> tuple[CleanSettings, str | None]:
-    """The flow's parameters as typed settings and a checked job id.
+    settings: S | dict[str, Any] | None, job_id: str | None, kind: type[S]
+) -> tuple[S, str | None]:
+    """The flow's parameters as typed settings of class ``kind`` (:class:`CleanSettings`,
+    :class:`~noisescore.settings.ActiveSettings`) and a checked job id.
 
     A deployment run gets ``settings`` as JSON (a dict): fields it leaves out take the
     worker's ``NOISESCORE_*`` environment, then the defaults, as for ``noisescore clean``.
@@ -471,14 +475,14 @@ def check_parameters(
     """
     try:
         if settings is None:
-            settings = CleanSettings()
-        elif not isinstance(settings, CleanSettings):
+            settings = kind()
+        elif not isinstance(settings, kind):
             if not isinstance(settings, dict):
                 raise InvalidParameters(
-                    f"settings must be an object of CleanSettings fields, got "
+                    f"settings must be an object of {kind.__name__} fields, got "
                     f"{type(settings).__name__}"
                 )
-            settings = CleanSettings(**settings)
+            settings = kind(**settings)
     except ValidationError as err:
         raise InvalidParameters(format_settings_error(err)) from None
     except ValueError as err:  # a validator's own error raised outside pydantic
@@ -517,10 +521,12 @@ def default_job_id() -> str:
     return str(run_id) if run_id else new_job_id()
 
 
-def job_spec(job_id: str, settings: CleanSettings) -> bytes:
+def job_spec(job_id: str, settings: TrainingSettings, *, kind: str | None = None) -> bytes:
+    """``spec.json``; ``kind`` names a flow other than clean-labels (``"active"``)."""
     return json_bytes(
         {
             "job_id": job_id,
+            **({"kind": kind} if kind is not None else {}),
             "created": datetime.now(UTC).isoformat(),
             "noisescore_version": __version__,
             "flow_run_id": str(flow_run.id) if flow_run.id else None,

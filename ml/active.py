@@ -45,7 +45,6 @@ from noisescore.ml.models import create_model
 from noisescore.ml.samplers import create_sampler
 from noisescore.ml.train import (
     DeviceImages,
-    EpochStats,
     Hook,
     TrainConfig,
     Trainer,
@@ -450,41 +449,47 @@ class Learner:
         return phase
 
     @torch.no_grad()
-    def embed(
-        self, indices: np.ndarray, *, batch_size: int = 1024
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def _proba(
+        self, images: DeviceImages, indices: np.ndarray | None = None, *, batch_size: int = 1024
+    ) -> np.ndarray:
+        """Softmax (M, C) float64 of ``images`` (the rows ``indices``, default all), eval
+        mode, ``batch_size`` at a time."""
+        rows = torch.arange(len(images)) if indices is None else torch.as_tensor(indices)
+        rows = rows.to(device=images.device, dtype=torch.long)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = [
+                torch.softmax(self.model(images.batch(rows[s : s + batch_size])).float(), dim=1)
+                .double()
+                .cpu()
+                for s in range(0, len(rows), batch_size)
+            ]
+        finally:
+            self.model.train(was_training)
+        if not out:
+            return np.empty((0, self.data.dataset.n_classes))
+        return torch.cat(out).numpy()
+
+    def embed(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Softmax (M, C) float64 and penultimate features (M, D) float32 of training
         samples ``indices`` (eval mode)."""
         captured: list[torch.Tensor] = []
         handle = final_linear(self.model).register_forward_pre_hook(
             lambda module, args: captured.append(args[0].detach().float().flatten(1))
         )
-        was_training = self.model.training
-        self.model.eval()
-        probas = []
         try:
-            train = self.data.dataset.train.images
-            for start in range(0, len(indices), batch_size):
-                chunk = indices[start : start + batch_size]
-                x = self._images(train[chunk]).batch(slice(None))
-                probas.append(torch.softmax(self.model(x).float(), dim=1).double().cpu())
+            proba = self._proba(self.train_images, indices)
         finally:
             handle.remove()
-            self.model.train(was_training)
-        if not probas:
-            n_classes = self.data.dataset.n_classes
-            return np.empty((0, n_classes)), np.empty((0, 0), dtype=np.float32)
-        features = torch.cat(captured).cpu().numpy().astype(np.float32)
-        return torch.cat(probas).numpy(), features
+        if not captured:
+            dim = final_linear(self.model).in_features
+            return proba, np.empty((0, dim), dtype=np.float32)
+        return proba, torch.cat(captured).cpu().numpy().astype(np.float32)
 
-    def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        """Class probabilities (N, C) of uint8 images (eval mode)."""
-        with torch.no_grad():
-            was = self.model.training
-            self.model.eval()
-            out = torch.softmax(self.model(self._images(images).batch(slice(None))).float(), 1)
-            self.model.train(was)
-        return out.double().cpu().numpy()
+    def predict_proba(self, images: DeviceImages) -> np.ndarray:
+        """Class probabilities (N, C) of ``images`` (eval mode)."""
+        return self._proba(images)
 
     def state_bytes(self, *, fingerprint: str, extra: dict[str, Any]) -> bytes:
         """The learner's weights, optimiser state and phases (a stage checkpoint: tensors,
@@ -520,17 +525,7 @@ class Learner:
 
     def test_metrics(self) -> dict[str, Any]:
         images, labels = self.test
-        with torch.no_grad():
-            was = self.model.training
-            self.model.eval()
-            logits = torch.cat(
-                [
-                    self.model(images.batch(slice(s, s + 1024))).float()
-                    for s in range(0, len(images), 1024)
-                ]
-            )
-            self.model.train(was)
-        return classification_metrics(labels, torch.softmax(logits, 1).double().cpu().numpy())
+        return classification_metrics(labels, self._proba(images))
 
 
 # ----------------------------------------------------------------------------- rounds
@@ -709,7 +704,3 @@ def active_report(
             "labelled_set": float((train_labels[labels.labelled] == true[labels.labelled]).mean()),
         }
     return report
-
-
-def history_of(phases: Sequence[Phase]) -> list[EpochStats]:
-    return [EpochStats.from_dict(h) for p in phases for h in p.history]
