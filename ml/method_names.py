@@ -13,15 +13,24 @@ from collections.abc import Sequence
 
 #: The built-in methods' names, sorted.
 METHOD_NAMES: tuple[str, ...] = (
+    "cdr",
     "ce",
     "ce_ls",
     "codis",
     "coteaching",
     "coteaching_plus",
     "coteaching_vog",
+    "disc",
+    "dividemix",
     "jocor",
+    "linc",
     "sce",
+    "t_revision",
+    "volminnet",
 )
+#: The benchmark's default methods: LNMBench's twelve and LiNC (not Co-teaching VOG, the
+#: active-cleaning selector).
+BENCH_METHODS: tuple[str, ...] = tuple(m for m in METHOD_NAMES if m != "coteaching_vog")
 #: Methods that can select a clean set for active label cleaning (``--lnl-method``).
 SELECTION_METHODS: tuple[str, ...] = ("ce", "coteaching", "coteaching_vog")
 #: Active-learning samplers that rank the suspects for the expert (``--sampler``).

@@ -202,6 +202,10 @@ class Hook:
             return None
         return self.loss(trainer, batch.logits[0], batch.idx, batch.epoch)
 
+    def before_step(self, trainer: Trainer, batch: Batch) -> None:
+        """After ``loss.backward()``, before the optimizer step: the gradients of every
+        model's parameters are in ``.grad`` (CDR clips some of them here)."""
+
     def after_step(self, trainer: Trainer, idx: torch.Tensor, epoch: int) -> None: ...
 
     def on_step(self, trainer: Trainer, step: Step) -> None: ...
@@ -305,6 +309,7 @@ class Trainer:
         self._autocast = self.device.type == "cuda"
         overridden = [h for h in self.hooks if type(h).on_step is not Hook.on_step]
         self._step_hooks = overridden
+        self._grad_hooks = [h for h in self.hooks if type(h).before_step is not Hook.before_step]
         self._features: dict[int, torch.Tensor] = {}
         self._wants_features = any(h.needs_features for h in self.hooks)
         if self._wants_features:
@@ -379,6 +384,8 @@ class Trainer:
                     loss = torch.stack([F.cross_entropy(z, batch.labels) for z in logits_all]).sum()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            for hook in self._grad_hooks:
+                hook.before_step(self, batch)
             self.optimizer.step()
             for hook in self.hooks:
                 hook.after_step(self, idx, epoch)

@@ -15,6 +15,7 @@ import re
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from pydantic import ValidationError
@@ -22,7 +23,7 @@ from pydantic import ValidationError
 from noisescore import __version__
 from noisescore.jobs import validate_job_id
 from noisescore.ml.detector_names import DETECTOR_NAMES, ETA_MIN
-from noisescore.ml.method_names import SAMPLER_NAMES, SELECTION_METHODS
+from noisescore.ml.method_names import BENCH_METHODS, SAMPLER_NAMES, SELECTION_METHODS
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
@@ -212,6 +213,63 @@ def _add_active_clean(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--quiet", action="store_true", default=False, help="warnings and results only")
 
 
+def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="benchmark learning-with-noisy-labels methods on a grid of datasets, noise "
+        "settings and seeds (runs the lnl-benchmark flow)",
+        description="Run the Prefect flow lnl-benchmark in this process: every cell "
+        "(method x dataset x noise x seed) trains through the one training loop and is "
+        "stored under benchmarks/<bench-id>/ of the artifact store as it finishes; then "
+        "results.csv, a table (mean ± std over seeds), plots and BENCHMARK.md. Rerunning "
+        "with the same --bench-id reads finished cells back (resume, or extend the grid). "
+        "Unset flags fall back to NOISESCORE_BENCH_<FLAG> variables, then to the defaults "
+        "(LNMBench's 100 epochs).",
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("--methods", help=f"comma list (default: {', '.join(BENCH_METHODS)})")
+    p.add_argument(
+        "--datasets", help="comma list of names or URIs (default bloodmnist,pneumoniamnist)"
+    )
+    p.add_argument(
+        "--noise",
+        help="comma list of KIND:RATE with RATE in [0, 1), or real (a manifest's own "
+        "label/true_label columns) (default symmetric:0.2,0.4,0.6 and instance:0.2,0.4)",
+    )
+    p.add_argument("--seeds", help="comma list (default 0,1)")
+    p.add_argument("--epochs", type=int, help="epochs of every cell (default 100)")
+    p.add_argument("--batch-size", type=int, help="default 128")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--model", help="timm model name (default noisescore_cnn)")
+    p.add_argument("--augment", action="store_true", help="random horizontal flips")
+    p.add_argument("--train-size", type=int, help="random train subset per dataset and seed")
+    p.add_argument("--eval-size", type=int, help="random val and test subsets of this size")
+    p.add_argument("--last-k", type=int, help="score = mean test accuracy of the last k epochs")
+    p.add_argument("--concurrency", type=int, help="cells trained at once (default 1)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument(
+        "--data-dir",
+        help="where names are looked up (default: $NOISESCORE_DATA_DIR, ../shared/data, ./data)",
+    )
+    p.add_argument(
+        "--bench-id",
+        default=None,
+        help="benchmarks/<bench-id>/ in the store (default: the flow run id); reuse it to "
+        "resume or extend a benchmark",
+    )
+    p.add_argument(
+        "--report-dir",
+        default=None,
+        help="also write BENCHMARK.md and benchmark/ (results.csv, table.md, cells.jsonl, "
+        "plots) into this folder, e.g. docs",
+    )
+    p.add_argument(
+        "--store-dir", help="local artifact store when no S3 endpoint is set (default ./artifacts)"
+    )
+    p.add_argument("--quiet", action="store_true", default=False, help="warnings and results only")
+
+
 def _add_job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--job-id",
@@ -261,10 +319,11 @@ def _add_flow(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--limit", type=int, default=1, help="concurrent runs (default 1)")
     serve.add_argument(
         "--flow",
-        choices=["clean-labels", "active-clean"],
+        choices=["clean-labels", "active-clean", "lnl-benchmark"],
         default="clean-labels",
-        help="which flow: clean-labels (default) or active-clean (its runs suspend while an "
-        "expert answers, and resume here)",
+        help="which flow: clean-labels (default), active-clean (its runs suspend while an "
+        "expert answers, and resume here) or lnl-benchmark (a benchmark grid, cells under "
+        "benchmarks/<bench-id>/ of the store)",
     )
 
 
@@ -460,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_clean(sub)
     _add_active_clean(sub)
+    _add_bench(sub)
     _add_flow(sub)
     _add_verify(sub)
     _add_datasets(sub)
@@ -702,6 +762,65 @@ def _active_clean(args: argparse.Namespace) -> int:
     return 0
 
 
+_BENCH_EXCLUDE = {"command", "quiet", "bench_id", "store_dir", "report_dir"}
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if "store_dir" in args:
+        os.environ["NOISESCORE_STORE_DIR"] = str(args.store_dir)
+    from noisescore.settings import BenchSettings
+
+    settings = BenchSettings(**{k: v for k, v in vars(args).items() if k not in _BENCH_EXCLUDE})
+    if args.bench_id is not None:
+        validate_job_id(args.bench_id)
+    from noisescore.ml.benchmark import check_schedule, grid
+
+    grid(settings)  # two entries whose cells would share a key
+    check_schedule(settings)  # a method whose phases do not fit the epochs
+    _prefect_env()
+    from noisescore.flows.lnl_benchmark import BENCH_ROOT, REPORT_FILES, lnl_benchmark
+    from noisescore.jobs import JobStore
+    from noisescore.settings import StoreSettings
+    from noisescore.storage import open_store
+
+    store = open_store(StoreSettings())
+    store.check()  # an unusable store fails before any training
+    _quiet_console(quiet=args.quiet)
+    with _terminate_as_interrupt():
+        state = lnl_benchmark(settings=settings, bench_id=args.bench_id, return_state=True)
+    summary = _bench_summary(state)
+    if summary is None:  # failed before the aggregate (bad parameters, missing dataset)
+        message = state.message or "the benchmark failed"
+        print(f"noisescore: error: {message}", file=sys.stderr)
+        return 1
+    bench = JobStore(store, summary["bench_id"], root=BENCH_ROOT)
+    if args.report_dir is not None:
+        from noisescore.atomic import atomic_write_bytes
+
+        root = Path(args.report_dir)
+        for name in REPORT_FILES:
+            if bench.exists(name):
+                (root / name).parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(root / name, bench.get(name, verify=False))
+        print(f"report      {root / 'BENCHMARK.md'}")
+    print(f"benchmark   {summary['bench_id']}")
+    print(f"cells       {summary['finished']} of {summary['cells']} finished")
+    print(f"stored in   {summary['url']}")
+    if summary["failed"]:
+        print(f"failed      {', '.join(summary['failed'])}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _bench_summary(state: Any) -> dict[str, Any] | None:
+    """The flow's summary: its result, or the data of its Failed state (failed cells)."""
+    try:
+        result = state.result(raise_on_failure=False)
+    except Exception:
+        return None
+    return result if isinstance(result, dict) and "bench_id" in result else None
+
+
 def _flow_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.job_id is not None:
@@ -778,6 +897,11 @@ def _flow_serve(args: argparse.Namespace) -> int:
         from noisescore.flows.active_clean import active_clean
 
         active_clean.serve(name=args.name, limit=args.limit)
+        return 0
+    if args.flow == "lnl-benchmark":
+        from noisescore.flows.lnl_benchmark import lnl_benchmark
+
+        lnl_benchmark.serve(name=args.name, limit=args.limit)
         return 0
     from noisescore.flows.clean_labels import clean_labels
 
@@ -1093,6 +1217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {
         ("clean", None): _clean,
         ("active-clean", None): _active_clean,
+        ("bench", None): _bench,
         ("flow", "run"): _flow_run,
         ("flow", "serve"): _flow_serve,
         ("verify", None): _verify,

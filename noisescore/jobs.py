@@ -119,19 +119,22 @@ class JobStore:
         Where the job lives.
     job_id : str
         The job's id; see :func:`validate_job_id`.
+    root : str
+        Folder of the store holding such jobs (``"benchmarks/"`` for ``lnl-benchmark``
+        runs, which the service's job listing does not show).
 
     Attributes
     ----------
     store : ArtifactStore
     job_id : str
     prefix : str
-        ``"jobs/<job_id>/"``, the folder of every key of this job.
+        ``"<root><job_id>/"`` (``"jobs/<job_id>/"``), the folder of every key of this job.
     """
 
-    def __init__(self, store: ArtifactStore, job_id: str) -> None:
+    def __init__(self, store: ArtifactStore, job_id: str, *, root: str = JOBS_PREFIX) -> None:
         self.store = store
         self.job_id = validate_job_id(job_id)
-        self.prefix = f"{JOBS_PREFIX}{self.job_id}/"
+        self.prefix = f"{validate_key(root, prefix=True)}{self.job_id}/"
 
     def __repr__(self) -> str:
         return f"JobStore({self.store!r}, {self.job_id!r})"

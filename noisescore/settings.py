@@ -25,7 +25,13 @@ from noisescore.ml.detector_names import (
     check_flag_by,
     parse_detectors,
 )
-from noisescore.ml.method_names import SAMPLER_NAMES, SELECTION_METHODS, check_choice
+from noisescore.ml.method_names import (
+    BENCH_METHODS,
+    SAMPLER_NAMES,
+    SELECTION_METHODS,
+    check_choice,
+    check_method_name,
+)
 from noisescore.ml.model_names import DEFAULT_MODEL, check_model_name
 from noisescore.ml.noise import parse_noise_spec
 
@@ -270,6 +276,129 @@ class ActiveSettings(TrainingSettings):
             return self.forget_rate
         rate = self.noise_rate()
         return 0.0 if rate is None else min(rate, 0.95)
+
+
+#: The benchmark's default grid: LNMBench's datasets and noise settings of issue 12.
+BENCH_DATASETS: tuple[str, ...] = ("bloodmnist", "pneumoniamnist")
+BENCH_NOISE: tuple[str, ...] = (
+    "symmetric:0.2",
+    "symmetric:0.4",
+    "symmetric:0.6",
+    "instance:0.2",
+    "instance:0.4",
+)
+#: The noise setting of a dataset whose labels are already noisy: a CSV manifest's
+#: ``label`` column is trained on, its ``true_label`` column scores the result.
+REAL_NOISE = "real"
+
+
+def _comma_list(value: Any) -> Any:
+    """``"a,b"`` (CLI, environment) -> ``("a", "b")``; lists pass through."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+def _no_duplicates(what: str, values: tuple[Any, ...]) -> tuple[Any, ...]:
+    if not values:
+        raise ValueError(f"the grid needs at least one {what}")
+    seen = [v for i, v in enumerate(values) if v in values[:i]]
+    if seen:
+        raise ValueError(f"{what} listed twice: {', '.join(map(str, seen))}")
+    return values
+
+
+class BenchSettings(BaseSettings):
+    """One learning-with-noisy-labels benchmark (``noisescore bench``, flow
+    ``lnl-benchmark``): a grid of methods x datasets x noise settings x seeds, each cell
+    trained with one schedule (the fields below the grid).
+
+    Read from ``NOISESCORE_BENCH_*`` (not ``NOISESCORE_*``: a cleaning job's
+    ``NOISESCORE_EPOCHS`` must not change a benchmark's schedule). The grid is checked as a
+    whole before anything runs: an unknown method, a noise rate outside ``[0, 1)``, a
+    malformed dataset URI or a repeated entry is an error naming it.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="NOISESCORE_BENCH_", extra="forbid")
+
+    methods: Annotated[tuple[str, ...], NoDecode] = Field(
+        BENCH_METHODS, description="methods to compare (comma list)"
+    )
+    datasets: Annotated[tuple[str, ...], NoDecode] = Field(
+        BENCH_DATASETS, description="dataset names or URIs (comma list)"
+    )
+    noise: Annotated[tuple[str, ...], NoDecode] = Field(
+        BENCH_NOISE,
+        description=f"noise settings KIND:RATE with RATE in [0, 1), or {REAL_NOISE!r} "
+        "(a manifest's own label / true_label columns)",
+    )
+    seeds: Annotated[tuple[int, ...], NoDecode] = Field((0, 1), description="seeds (comma list)")
+    epochs: int = Field(100, ge=1, le=10_000)
+    batch_size: int = Field(128, ge=2, le=65_536)
+    lr: float = Field(1e-3, gt=0, le=10, description="Adam learning rate (LNMBench's 0.001)")
+    weight_decay: float = Field(0.0, ge=0)
+    model: str = Field(DEFAULT_MODEL, description="timm model name")
+    augment: bool = Field(False, description="random horizontal flips")
+    train_size: int | None = Field(
+        None, ge=2, description="train on a random subset of this size per dataset and seed"
+    )
+    eval_size: int | None = Field(
+        None, ge=1, description="score on random subsets of val and test of this size"
+    )
+    last_k: int = Field(5, ge=1, description="test accuracy is averaged over the last k epochs")
+    concurrency: int = Field(1, ge=1, le=256, description="cells trained at the same time")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data_dir: Path | None = Field(None, description="where dataset names are looked up")
+
+    @field_validator("methods", "datasets", "noise", "seeds", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return _comma_list(value)
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _no_duplicates("method", tuple(check_method_name(m) for m in value))
+
+    @field_validator("datasets")
+    @classmethod
+    def _valid_datasets(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from noisescore.uris import check_dataset_uri
+
+        return _no_duplicates("dataset", tuple(check_dataset_uri(d) for d in value))
+
+    @field_validator("noise")
+    @classmethod
+    def _valid_noise(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        specs = []
+        for text in value:
+            if text.strip().lower() == REAL_NOISE:
+                specs.append(REAL_NOISE)
+                continue
+            spec = parse_noise_spec(text)
+            if spec.rate is not None and not spec.rate < 1.0:
+                raise ValueError(f"noise rate must lie in [0, 1), got {text!r}")
+            specs.append(str(spec))
+        return _no_duplicates("noise setting", tuple(specs))
+
+    @field_validator("seeds")
+    @classmethod
+    def _valid_seeds(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(s < 0 for s in value):
+            raise ValueError(f"seeds must be >= 0, got {', '.join(map(str, value))}")
+        return _no_duplicates("seed", value)
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        return check_model_name(value)
+
+    def schedule(self) -> dict[str, Any]:
+        """The fields that change a cell's result besides the cell itself (a resumed
+        benchmark must have the same)."""
+        keep: tuple[str, ...] = ("epochs", "batch_size", "lr", "weight_decay", "model")
+        keep += ("augment", "train_size", "eval_size", "last_k")
+        return {k: v for k, v in self.model_dump(mode="json").items() if k in keep}
 
 
 def format_settings_error(err: ValidationError) -> str:

@@ -67,6 +67,29 @@ def test_prefect_yaml_deploys_active_clean_with_valid_settings() -> None:
     assert deployments["gpu"]["pull"] == _deployments()["gpu"]["pull"]
 
 
+def test_prefect_yaml_deploys_lnl_benchmark_with_valid_settings() -> None:
+    from prefect.flows import load_flow_from_entrypoint
+
+    from noisescore.flows.lnl_benchmark import CELL_TAG
+    from noisescore.settings import BenchSettings
+
+    deployments = _deployments("lnl_benchmark")
+    assert set(deployments) == {"local", "gpu"}
+    for deployment in deployments.values():
+        flow = load_flow_from_entrypoint(str(ROOT / deployment["entrypoint"]))
+        assert flow.name == "lnl-benchmark"
+        BenchSettings(**deployment["parameters"]["settings"])
+    assert deployments["local"]["work_pool"] == _deployments("active_clean")["local"]["work_pool"]
+    gpu = deployments["gpu"]
+    assert gpu["work_pool"] == _deployments("active_clean")["gpu"]["work_pool"]
+    assert gpu["work_pool"]["job_variables"]["gpu_count"] == 1
+    assert gpu["parameters"]["settings"]["device"] == "auto"
+    assert gpu["pull"] == _deployments()["gpu"]["pull"]
+    # The documented command creates the limit on the tag the cell task carries.
+    flows_doc = (ROOT / "docs" / "FLOWS.md").read_text()
+    assert f"prefect concurrency-limit create {CELL_TAG} " in flows_doc
+
+
 def test_prefect_yaml_deploys_the_flow_with_valid_settings() -> None:
     from prefect.flows import load_flow_from_entrypoint
 

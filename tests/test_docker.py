@@ -717,6 +717,7 @@ def test_compose_wires_the_service_to_prefect_minio_and_the_worker() -> None:
     assert f"--name {service['NOISESCORE_PREFECT_DEPLOYMENT']}" in command
     assert service["NOISESCORE_PREFECT_ACTIVE_DEPLOYMENT"] == "active-clean/local"
     assert "--name active-clean/local" in command
+    assert "--name lnl-benchmark/local" in command
     assert f"worker start --pool {pool} --type process --with-healthcheck" in command
     # The local deployment's pull step is `{{ $PWD }}`: a shell in /app sets PWD there.
     assert services["worker"]["command"][:2] == ["sh", "-c"]

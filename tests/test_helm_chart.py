@@ -230,6 +230,7 @@ def test_worker_registers_pool_and_deployment(default_objects: list[dict[str, An
     # One deploy per flow: with several --name, prefect ignores --pool.
     assert "deploy --prefect-file /app/prefect.yaml --name clean-labels/gpu --pool" in script
     assert "deploy --prefect-file /app/prefect.yaml --name active-clean/gpu --pool" in script
+    assert "deploy --prefect-file /app/prefect.yaml --name lnl-benchmark/gpu --pool" in script
     (container,) = spec["containers"]
     assert container["command"][:3] == ["prefect", "worker", "start"]
     assert "--with-healthcheck" in container["command"]
@@ -572,6 +573,10 @@ def test_registration_commands_against_a_real_api(prefect_api: str, tmp_path: Pa
             active = await client.read_deployment_by_name("active-clean/gpu")
             assert active.work_pool_name == pool
             assert active.entrypoint == "flows/active_clean.py:active_clean"
+            bench = await client.read_deployment_by_name("lnl-benchmark/gpu")
+            assert bench.work_pool_name == pool
+            assert bench.entrypoint == "flows/lnl_benchmark.py:lnl_benchmark"
+            assert bench.job_variables == {"gpu_count": 1}
             return work_pool, deployment
 
     work_pool, deployment = asyncio.run(read())

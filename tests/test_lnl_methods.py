@@ -464,3 +464,43 @@ def test_method_trains_on_noisy_breastmnist(data_dir: Path, name: str):
     if name == "coteaching_plus":
         assert 0.0 <= history[-1].extra["disagreement"] <= 1.0
         assert method.selected_by_epoch_.shape == (SMOKE_EPOCHS, 2, len(train))  # type: ignore[attr-defined]
+
+
+# ----------------------------------------------------------------------------- linc
+
+
+def test_linc_method_is_the_linc_hook():
+    """The registered ``linc`` method trains exactly as the LiNC hook of ``noisescore clean``
+    (same weights, trust and corrections), and checks its warm-up against the schedule."""
+    from noisescore.ml.linc import LiNC
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(48, 1, 4, 4), dtype=np.uint8)
+    labels = rng.integers(0, 2, size=48)
+
+    def run(hook: Any) -> Trainer:
+        trainer = Trainer(
+            seeded_mlp(0),
+            DeviceImages(images, torch.device("cpu")),
+            labels,
+            config=TrainConfig(epochs=3, batch_size=16, lr=1e-2, seed=0),
+            hooks=[hook],
+        )
+        trainer.fit()
+        return trainer
+
+    method = create_method("linc", n_samples=48, n_classes=2, warmup_epochs=2)
+    hook = LiNC(2, warmup_epochs=2)
+    a, b = run(method), run(hook)
+    for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    np.testing.assert_array_equal(method.trust_, hook.trust_)
+    np.testing.assert_array_equal(method.corrected_labels_, hook.corrected_labels_)
+    assert method_params("linc") == {
+        "warmup_epochs": 10, "alpha_lr": 1.0, "alpha_wd": 1e-3, "alpha_grad": "mean",
+    }  # fmt: skip
+    too_long = create_method("linc", n_samples=48, n_classes=2, warmup_epochs=5)
+    with pytest.raises(MethodError, match=r"warmup_epochs \(5\) must not exceed the epochs \(3\)"):
+        run(too_long)
+    with pytest.raises(MethodError, match="alpha_grad"):
+        create_method("linc", n_samples=48, n_classes=2, alpha_grad="median")

@@ -439,7 +439,7 @@ def test_registry_names_and_errors():
         "coteaching_vog": 2,
     }
     with pytest.raises(MethodError, match=", ".join(METHOD_NAMES)):
-        create_method("dividemix", n_samples=10, n_classes=2)
+        create_method("mixmatch", n_samples=10, n_classes=2)
     with pytest.raises(MethodError, match=", ".join(METHOD_NAMES)):
         check_method_name("co-teaching")
     assert check_method_name(" CoTeaching ") == "coteaching"

@@ -20,10 +20,11 @@ import numbers
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
+import torch
 from torch import nn
 
 from noisescore.ml.method_names import METHOD_NAMES, MethodError
-from noisescore.ml.train import Hook
+from noisescore.ml.train import DeviceImages, Hook, Trainer
 
 __all__ = [
     "METHODS",
@@ -74,6 +75,15 @@ class Method(Hook):
         self.n_classes = n_classes
         self.peer = peer
         self.extra_models: tuple[nn.Module, ...] = () if peer is None else (peer,)
+
+    def predict_logits(self, trainer: Trainer, images: DeviceImages) -> torch.Tensor:
+        """The logits the method predicts with, eval mode, shape (N, C), on the device.
+
+        By default the main network's (``trainer.model``); DivideMix averages its two
+        networks. A transition-matrix method (VolMinNet, T-Revision) predicts the clean
+        class with the network alone: the matrix models the label noise, not the class.
+        """
+        return trainer.predict_logits(images)
 
 
 def _check_int(value: object, what: str, *, minimum: int) -> int:

@@ -169,6 +169,12 @@ Prefect API env (URL, and the Cloud API key by reference).
 {{- printf "active-clean/%s" .Values.prefect.deploymentName }}
 {{- end }}
 
+{{/* The lnl-benchmark flow's deployment of the same name (started from the UI or the CLI,
+never through the service). */}}
+{{- define "noisescore.prefect.benchDeployment" -}}
+{{- printf "lnl-benchmark/%s" .Values.prefect.deploymentName }}
+{{- end }}
+
 {{/*
 "true" when a ServiceMonitor is rendered: enabled true, or auto and the CRD is served.
 */}}
