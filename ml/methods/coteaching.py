@@ -187,8 +187,9 @@ class CoTeaching(Method):
     def selection_frequency_(self) -> np.ndarray:
         """Over the recorded epochs ``e >= t_k``; the last recorded epoch alone when the
         training ended inside the ramp."""
-        selected = self.selected_by_epoch_.any(axis=1)  # (E, N): kept by either network
-        after = self.epochs_ >= self.t_k
+        # (E, N): kept by either network
+        selected = np.asarray(self.selected_by_epoch_.any(axis=1), dtype=bool)
+        after = np.asarray(self.epochs_ >= self.t_k, dtype=bool)
         if not after.any():
             after[-1] = True
         return selected[after].mean(axis=0, dtype=np.float64)
@@ -203,4 +204,4 @@ class CoTeaching(Method):
             raise MethodError(
                 f"last must be an int in [1, {len(self._rows)}] (recorded epochs), got {last!r}"
             )
-        return np.stack(self._rows[-last:]).any(axis=(0, 1))
+        return np.asarray(np.stack(self._rows[-last:]).any(axis=(0, 1)), dtype=bool)

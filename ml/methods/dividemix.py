@@ -615,4 +615,4 @@ class DivideMix(Method):
             raise MethodError(
                 f"last must be an int in [1, {len(self._rows)}] (divisions), got {last!r}"
             )
-        return np.stack(self._rows[-last:]).any(axis=(0, 1))
+        return np.asarray(np.stack(self._rows[-last:]).any(axis=(0, 1)), dtype=bool)
