@@ -66,8 +66,9 @@ LNMBENCH_BEST: dict[str, tuple[str, ...]] = {
     "real": ("sce", "cdr"),
 }
 #: Samples/s of plain CE with ``noisescore_cnn`` (28 px, batch 128) through this Trainer on
-#: one NVIDIA H100, the low end of the 17-21 k measured with ``bench/bench_train.py`` for
-#: issue 13 (docs/RESULTS.md). Used only for the labelled GPU estimate.
+#: one NVIDIA H100 (torch 2.11, bf16, batch 128), the low end of the 17-21 k measured with
+#: ``bench/bench_train.py`` by an earlier session (issue 13; the staging notes of the GPU
+#: machine list it). Used only for the labelled GPU estimate.
 H100_CE_SAMPLES_PER_SECOND = 17_000.0
 
 
@@ -305,6 +306,13 @@ def _top(ranks: dict[str, float | None], k: int) -> list[str]:
     return [m for _, m in ranked[:k]]
 
 
+def _place(ranks: dict[str, float | None], method: str) -> int:
+    """1 + the number of methods with a strictly better mean rank (ties share a place)."""
+    mine = ranks[method]
+    assert mine is not None
+    return 1 + sum(1 for r in ranks.values() if r is not None and r < mine)
+
+
 def benchmark_markdown(
     records: Sequence[dict[str, Any]],
     methods: Sequence[str],
@@ -357,6 +365,19 @@ def benchmark_markdown(
     ]
     for caption, path in (plots or {}).items():
         lines += [f"![{caption}]({path})", ""]
+    stds = [100 * std for (_, _), (_, std, n) in summary.items() if n > 1]
+    if stds:
+        lines += [
+            f"Seed spread: the median standard deviation over seeds of a method's score in a "
+            f"setting is {np.median(stds):.1f} points (largest {max(stds):.1f}); methods whose "
+            "means differ by less than that are not told apart by this grid.",
+            "",
+        ]
+    lines += [
+        "Noise kinds, the methods and their deviations from LNMBench's code: "
+        "[METHODS.md](METHODS.md).",
+        "",
+    ]
     lines += ["## Ranking, and LNMBench's", ""]
     lines += ["| group | our top 3 (mean rank) | LNMBench's best | their rank here |"]
     lines += ["|---|---|---|---|"]
@@ -365,19 +386,19 @@ def benchmark_markdown(
         theirs = LNMBENCH_BEST.get(group, ())
         order = _top(g_ranks, len(methods))
         place = ", ".join(
-            f"{m}: {order.index(m) + 1} of {len(order)}" if m in order else f"{m}: not run"
+            f"{m}: {_place(g_ranks, m)} of {len(order)}" if m in order else f"{m}: not run"
             for m in theirs
         )
         lines.append(f"| {group} | {ours} | {', '.join(theirs) or '—'} | {place or '—'} |")
     lines.append("")
     overall = _top(group_ranks["overall"], len(methods))
     if "linc" in overall:
-        where = overall.index("linc") + 1
+        where = _place(group_ranks["overall"], "linc")
         lines += [
             f"**LiNC** ranks {where} of {len(overall)} overall (mean rank "
             f"{group_ranks['overall']['linc']:.2f}); "
             + "; ".join(
-                f"{g} {_top(r, len(methods)).index('linc') + 1} of {len(_top(r, len(methods)))}"
+                f"{g} {_place(r, 'linc')} of {len(_top(r, len(methods)))}"
                 for g, r in group_ranks.items()
                 if g != "overall" and "linc" in _top(r, len(methods))
             )
@@ -415,7 +436,9 @@ def benchmark_markdown(
             f"full train sets would take **{estimate['hours']:.2f} h** on one H100, from each "
             f"method's training cost relative to CE measured in this run ({costs}) and CE's "
             f"{estimate['h100_ce_samples_per_second']:.0f} samples/s through this Trainer on an "
-            "H100 (issue 13's measurement); scoring passes and start-up are not included.",
+            "H100 (measured earlier with `bench/bench_train.py`, batch 128, for issue 13); "
+            "scoring passes and start-up are not included, and the cost ratios were measured "
+            "on this machine's CPU at this run's batch size.",
         ]
     lines.append("")
     if failures or missing:
