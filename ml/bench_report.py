@@ -439,6 +439,16 @@ def benchmark_markdown(
             "H100 (measured earlier with `bench/bench_train.py`, batch 128, for issue 13); "
             "scoring passes and start-up are not included, and the cost ratios were measured "
             "on this machine's CPU at this run's batch size.",
+            "",
+            f"Goal, the whole grid on one GPU in under an hour at {estimate['epochs']} epochs: "
+            + (
+                "**met** by this estimate."
+                if estimate["hours"] < 1
+                else f"**missed** by this estimate ({estimate['hours']:.1f} h), one cell at a "
+                "time. The small CNN leaves an H100 mostly idle between kernel launches "
+                "(issue 13), so `--concurrency` several cells on one GPU should shorten it; "
+                "by how much is not measured."
+            ),
         ]
     lines.append("")
     if failures or missing:
