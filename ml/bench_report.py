@@ -373,6 +373,24 @@ def benchmark_markdown(
             "means differ by less than that are not told apart by this grid.",
             "",
         ]
+    beyond = sorted(
+        {
+            r["setting"]
+            for r in records
+            if _kind(r["setting"]) == "symmetric"
+            and float(r["noise_rate"]) >= (int(r["n_classes"]) - 1) / int(r["n_classes"])
+        }
+    )
+    if beyond:
+        lines += [
+            "Beyond recovery: in "
+            + ", ".join(beyond)
+            + " the symmetric rate is at least (C − 1) / C, so a wrong class is at least as "
+            "frequent as the true one in every class's labels; no method can recover the "
+            "classes without a prior, and a low score there measures how fully a method "
+            "learned the flipped labels.",
+            "",
+        ]
     lines += [
         "Noise kinds, the methods and their deviations from LNMBench's code: "
         "[METHODS.md](METHODS.md).",
