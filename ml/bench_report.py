@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -249,7 +249,7 @@ def rank_heatmap_png(records: Sequence[dict[str, Any]], methods: Sequence[str]) 
         for j, s in enumerate(settings):
             grid[i, j] = ranks[s].get(m, np.nan)
         grid[i, -1] = np.nan if overall[m] is None else overall[m]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(columns), 0.9 + 0.38 * len(methods)), dpi=100)
+    fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(columns), 0.9 + 0.38 * len(methods)), dpi=100)
     image = ax.imshow(grid, cmap="RdYlGn_r", aspect="auto", vmin=1, vmax=max(len(methods), 2))
     for i in range(len(methods)):
         for j in range(len(columns)):
@@ -378,6 +378,7 @@ def benchmark_markdown(
             r["setting"]
             for r in records
             if _kind(r["setting"]) == "symmetric"
+            and r.get("n_classes")
             and float(r["noise_rate"]) >= (int(r["n_classes"]) - 1) / int(r["n_classes"])
         }
     )
@@ -389,6 +390,31 @@ def benchmark_markdown(
             "frequent as the true one in every class's labels; no method can recover the "
             "classes without a prior, and a low score there measures how fully a method "
             "learned the flipped labels.",
+            "",
+        ]
+    collapsed = sorted(
+        (r["method"], r["setting"], r["seed"])
+        for r in records
+        if r.get("balanced_accuracy") is not None
+        and r.get("n_classes")
+        and float(r["balanced_accuracy"]) <= 1 / int(r["n_classes"]) + 0.01
+    )
+    if collapsed:
+        by_method: dict[str, list[str]] = defaultdict(list)
+        for method, setting, seed in collapsed:
+            by_method[method].append(f"{setting} s{seed}")
+        total = Counter(r["method"] for r in records)
+        lines += [
+            "Collapsed cells: the final model's balanced accuracy is within 0.01 of 1 / C, "
+            "i.e. it predicts one class for almost every test image and its accuracy is that "
+            "class's share of the test set.",
+            "",
+            "| method | collapsed cells | where |",
+            "|---|---:|---|",
+            *(
+                f"| {m} | {len(v)} of {total[m]} | {', '.join(v)} |"
+                for m, v in sorted(by_method.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+            ),
             "",
         ]
     lines += [

@@ -471,3 +471,27 @@ def test_plots_are_png() -> None:
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
         image = Image.open(io.BytesIO(png))
         assert image.size[0] > 200 and image.size[1] > 100
+
+
+def test_benchmark_markdown_names_unrecoverable_settings_and_collapsed_cells() -> None:
+    """Symmetric noise at (C - 1) / C or more leaves no class the plurality of its labels;
+    a balanced accuracy of 1 / C means one class predicted for every test image."""
+    s06 = "breastmnist symmetric:0.6"
+    records = [
+        _record("ce", S04, 0, 0.70, n_classes=2, balanced_accuracy=0.66),
+        _record("ce", s06, 0, 0.30, n_classes=2, balanced_accuracy=0.50),
+        _record("sce", S04, 0, 0.73, n_classes=2, balanced_accuracy=0.505),
+        _record("sce", s06, 0, 0.35, n_classes=2, balanced_accuracy=0.52),
+    ]
+    text = report.benchmark_markdown(
+        records, ["ce", "sce"], schedule={"epochs": 2}, command="x", device="cpu"
+    )
+    assert "Beyond recovery: in breastmnist symmetric:0.6 the symmetric rate" in text
+    assert "symmetric:0.4 the" not in text
+    assert "| ce | 1 of 2 | breastmnist symmetric:0.6 s0 |" in text
+    assert "| sce | 1 of 2 | breastmnist symmetric:0.4 s0 |" in text
+    healthy = [{**r, "balanced_accuracy": 0.7, "noise_rate": 0.4} for r in records[:1]]
+    text = report.benchmark_markdown(
+        healthy, ["ce"], schedule={"epochs": 2}, command="x", device="cpu"
+    )
+    assert "Collapsed" not in text and "Beyond recovery" not in text
