@@ -288,11 +288,13 @@ def _device_text(settings: BenchSettings) -> str:
     from noisescore.ml.train import resolve_device
 
     device = resolve_device(settings.device)
+    cells = f"{settings.concurrency} cell{'s' if settings.concurrency != 1 else ''} at a time"
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA), torch {torch.__version__}"
-    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads per cell), " + (
-        f"torch {torch.__version__}"
-    )
+        name = torch.cuda.get_device_name(device)
+        return f"{name} (CUDA; {cells}), torch {torch.__version__}"
+    threads = torch.get_num_threads()
+    each = f"{threads} torch thread{'s' if threads != 1 else ''} each"
+    return f"CPU ({os.cpu_count()} cores; {cells}, {each}), torch {torch.__version__}"
 
 
 # ----------------------------------------------------------------------------- the flow
