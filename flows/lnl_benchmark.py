@@ -164,8 +164,9 @@ def finished_cells(
     return done
 
 
-def _artifact_key(cell: Cell) -> str:
-    return re.sub(r"[^a-z0-9-]+", "-", f"cell-{cell.key}".lower()).strip("-")[:100]
+def _artifact_key(text: str) -> str:
+    """A Prefect artifact key (lower-case letters, digits and dashes) made of ``text``."""
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:100]
 
 
 @task(
@@ -183,7 +184,7 @@ def train_cell(
     job.put(cell_path(cell), json_bytes(record))
     scalars = {k: record[k] for k in report.CSV_COLUMNS if k in record}
     create_table_artifact(
-        key=_artifact_key(cell),
+        key=_artifact_key(f"cell-{cell.key}"),
         table=[scalars],
         description=f"benchmark {job.job_id}: {cell.key}",
     )
@@ -238,7 +239,7 @@ def aggregate(
         if path in files
     )
     create_markdown_artifact(
-        key=re.sub(r"[^a-z0-9-]+", "-", f"bench-{job.job_id}".lower())[:100],
+        key=_artifact_key(f"bench-{job.job_id}"),
         markdown=f"## Benchmark {job.job_id}\n\n{report.results_table(records, methods)}\n\n"
         f"{images}",
         description=f"lnl-benchmark {job.job_id}: {len(records)} cells, {len(failures)} failed",

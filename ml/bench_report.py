@@ -172,11 +172,12 @@ def results_table(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> 
 # ----------------------------------------------------------------------------- plots
 
 
-def _figure_png(fig: Any) -> bytes:
+def _figure_png(fig: Any, *, rect: tuple[float, float, float, float] = (0, 0, 1, 1)) -> bytes:
+    """The figure as PNG bytes, laid out within ``rect`` (figure fractions); closes it."""
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return buffer.getvalue()
@@ -229,12 +230,7 @@ def accuracy_vs_noise_png(records: Sequence[dict[str, Any]], methods: Sequence[s
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(7, max(len(labels), 1)), fontsize=8)
-    fig.subplots_adjust(bottom=0.2)
-    buffer = io.BytesIO()
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return _figure_png(fig, rect=(0, 0.12, 1, 1))  # the legend below the panels
 
 
 def rank_heatmap_png(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> bytes:

@@ -159,12 +159,12 @@ def check_schedule(settings: BenchSettings) -> None:
         Naming the method, the epochs and the method's own reason.
     """
     images = np.zeros((4, 1, 2, 2), dtype=np.uint8)
+
+    def tiny() -> nn.Module:
+        return nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+
     for method in settings.methods:
         params = method_kwargs(method, epochs=settings.epochs, noise_rate=0.2)
-
-        def tiny() -> nn.Module:
-            return nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
-
         peer = tiny() if METHODS[method].n_models == 2 else None
         try:
             hook = create_method(method, n_samples=4, n_classes=2, peer=peer, **params)

@@ -800,7 +800,6 @@ def _bench(args: argparse.Namespace) -> int:
         root = Path(args.report_dir)
         for name in REPORT_FILES:
             if bench.exists(name):
-                (root / name).parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_bytes(root / name, bench.get(name, verify=False))
         print(f"report      {root / 'BENCHMARK.md'}")
     print(f"benchmark   {summary['bench_id']}")
