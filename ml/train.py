@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,6 +91,13 @@ class DeviceImages:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
+
+    def iter_batches(
+        self, batches: Sequence[torch.Tensor]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(idx, images)`` for each index batch, in order (what the training loop reads)."""
+        for idx in batches:
+            yield idx, self.batch(idx)
 
 
 @dataclass(frozen=True)
@@ -284,9 +291,14 @@ class Trainer:
             for m in self.models:
                 m.to(memory_format=torch.channels_last)
         self.images = images
-        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=self.device)
-        if len(self.labels) != len(images):
-            raise ValueError(f"{len(images)} images but {len(self.labels)} labels")
+        # A copy: the labels change in place (LiNC's correction), never the caller's array.
+        self._labels = torch.tensor(np.asarray(labels), dtype=torch.long, device=self.device)
+        if len(self._labels) != len(images):
+            raise ValueError(f"{len(images)} images but {len(self._labels)} labels")
+        #: The modules the training forward pass calls (``models``, or their DDP wrappers).
+        self._forward_models: list[nn.Module] = list(self.models)
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._correct = torch.zeros((), device=self.device, dtype=torch.long)
         self.config = config
         self.progress = progress
         self.desc = desc
@@ -331,6 +343,22 @@ class Trainer:
         )
 
     @property
+    def labels(self) -> torch.Tensor:
+        """The training labels, shape (N,), int64, on the device."""
+        return self._labels
+
+    @labels.setter
+    def labels(self, value: torch.Tensor | np.ndarray) -> None:
+        """Replace the labels in place: the tensor keeps its storage, so that a captured
+        step (which read it at capture time) sees the new labels."""
+        new = torch.as_tensor(np.asarray(value) if isinstance(value, np.ndarray) else value)
+        if new.shape != self._labels.shape:
+            raise ValueError(
+                f"labels must have shape {tuple(self._labels.shape)}, got {tuple(new.shape)}"
+            )
+        self._labels.copy_(new.to(self._labels.device, torch.long))
+
+    @property
     def n_samples(self) -> int:
         return len(self.images)
 
@@ -358,56 +386,69 @@ class Trainer:
         for hook in self.hooks:
             hook.on_epoch_start(self, epoch)
         start = time.perf_counter()
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        self._loss_sum.zero_()
+        self._correct.zero_()
         seen = 0
-        single = len(self.models) == 1
-        for idx in self._batches():
-            x = self.images.batch(idx)
+        for idx, x in self.images.iter_batches(self._batches()):
             if self.config.augment:
                 x = self._augment(x)
-            with self.autocast():
-                outputs = [m(x) for m in self.models]
-            logits_all = tuple(o.float() for o in outputs)
-            logits = logits_all[0]
-            features = self._take_features()
-            batch = Batch(idx, self.labels[idx], epoch, logits_all, features)
-            loss = None
-            for hook in self.hooks:
-                loss = hook.batch_loss(self, batch)
-                if loss is not None:
-                    break
-            if loss is None:
-                if single:
-                    loss = F.cross_entropy(logits, batch.labels)
-                else:
-                    loss = torch.stack([F.cross_entropy(z, batch.labels) for z in logits_all]).sum()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for hook in self._grad_hooks:
-                hook.before_step(self, batch)
-            self.optimizer.step()
-            for hook in self.hooks:
-                hook.after_step(self, idx, epoch)
-            if self._step_hooks:
-                peers = tuple(z.detach() for z in logits_all[1:])
-                step = Step(idx, logits.detach(), self.labels[idx], epoch, features[0], peers)
-                for hook in self._step_hooks:
-                    hook.on_step(self, step)
-            loss_sum += loss.detach() * len(idx)
-            correct += (logits.detach().argmax(1) == self.labels[idx]).sum()
+            self._step(idx, x, epoch)
             seen += len(idx)
         self.scheduler.step()
+        loss_sum, correct, seen = self._epoch_totals(seen)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
         return EpochStats(
             epoch=epoch,
             seconds=seconds,
-            loss=float(loss_sum) / max(seen, 1),
-            train_accuracy=float(correct) / max(seen, 1),
+            loss=loss_sum / max(seen, 1),
+            train_accuracy=correct / max(seen, 1),
             samples_per_second=seen / seconds if seconds > 0 else math.inf,
         )
+
+    def _epoch_totals(self, seen: int) -> tuple[float, int, int]:
+        """Loss sum, correct count and samples of the epoch (one host sync per epoch)."""
+        return float(self._loss_sum), int(self._correct), seen
+
+    def _step(self, idx: torch.Tensor, x: torch.Tensor, epoch: int) -> None:
+        """One optimisation step on the batch ``idx`` (images ``x``, normalised)."""
+        self._eager_step(idx, x, epoch)
+
+    def _eager_step(self, idx: torch.Tensor, x: torch.Tensor, epoch: int) -> None:
+        """Forward every model, the hooks' loss, backward, the hooks' gradient and step work,
+        then the per-step records. No host sync: the epoch's loss and accuracy accumulate
+        on the device."""
+        with self.autocast():
+            outputs = [m(x) for m in self._forward_models]
+        logits_all = tuple(o.float() for o in outputs)
+        logits = logits_all[0]
+        features = self._take_features()
+        batch = Batch(idx, self.labels[idx], epoch, logits_all, features)
+        loss = None
+        for hook in self.hooks:
+            loss = hook.batch_loss(self, batch)
+            if loss is not None:
+                break
+        if loss is None:
+            if len(logits_all) == 1:
+                loss = F.cross_entropy(logits, batch.labels)
+            else:
+                loss = torch.stack([F.cross_entropy(z, batch.labels) for z in logits_all]).sum()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for hook in self._grad_hooks:
+            hook.before_step(self, batch)
+        self.optimizer.step()
+        for hook in self.hooks:
+            hook.after_step(self, idx, epoch)
+        if self._step_hooks:
+            peers = tuple(z.detach() for z in logits_all[1:])
+            step = Step(idx, logits.detach(), batch.labels, epoch, features[0], peers)
+            for hook in self._step_hooks:
+                hook.on_step(self, step)
+        self._loss_sum += loss.detach() * len(idx)
+        self._correct += (logits.detach().argmax(1) == batch.labels).sum()
 
     def fit(self, *, stop_epoch: int | None = None) -> list[EpochStats]:
         """Train epochs ``self.epoch + 1 .. stop_epoch`` (default: ``config.epochs``).
