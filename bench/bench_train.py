@@ -109,9 +109,11 @@ def run_trainer(
     epochs: int,
     seed: int,
     linc_classes: int | None,
+    graph: str = "auto",
 ) -> dict[str, Any]:
-    """Train ``epochs + 1`` epochs with the Trainer; drop the first from the timings."""
-    config = TrainConfig(epochs=epochs + 1, batch_size=BATCH_SIZE, seed=seed)
+    """Train ``epochs + 1`` epochs with the Trainer; drop the first from the timings (it
+    includes the warm-up steps and the capture of a CUDA graph in graph mode)."""
+    config = TrainConfig(epochs=epochs + 1, batch_size=BATCH_SIZE, seed=seed, graph=graph)
     hook = TimedLiNC(linc_classes, warmup_epochs=epochs + 1) if linc_classes is not None else None
     trainer = Trainer(model_fn(), images, labels, config=config, hooks=[hook] if hook else [])
     history = trainer.fit()[1:]
@@ -123,6 +125,7 @@ def run_trainer(
         "hook_end_seconds": hook_seconds,
         "samples_per_second": [h.samples_per_second for h in history],
         "correction_seconds": hook.correction_seconds if hook else None,
+        "graph_captured": trainer.graph_captured,
     }
 
 
@@ -254,7 +257,17 @@ def summarise(raw: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         "textbook_samples_per_second_median": textbook,
         "ours_samples_per_second_median": ours,
         "ours_over_textbook": ours / textbook,
+        "graph_captured": raw["ce"][0]["graph_captured"],
+        **_eager_summary(raw, ours),
     }
+
+
+def _eager_summary(raw: dict[str, list[dict[str, Any]]], ours: float) -> dict[str, Any]:
+    """Captured vs eager Trainer (only when the run captured its step: CUDA)."""
+    if not raw.get("ce_eager"):
+        return {}
+    eager = statistics.median(v for run in raw["ce_eager"] for v in run["samples_per_second"])
+    return {"eager_samples_per_second_median": eager, "graph_over_eager": ours / eager}
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -280,6 +293,23 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"| DataLoader {s['textbook_samples_per_second_median']:.0f} "
         f"| Trainer {s['ours_samples_per_second_median']:.0f} "
         f"| {s['ours_over_textbook']:.3f} | — (reported) |",
+        *(
+            [
+                f"| throughput, captured step (CUDA graph) vs eager Trainer (samples/s) "
+                f"| eager {s['eager_samples_per_second_median']:.0f} "
+                f"| graph {s['ours_samples_per_second_median']:.0f} "
+                f"| {s['graph_over_eager']:.3f} | — (reported) |"
+            ]
+            if "graph_over_eager" in s
+            else []
+        ),
+        "",
+        "Trainer step: "
+        + (
+            "captured as a CUDA graph and replayed (`--graph`); CE and LiNC both."
+            if s["graph_captured"]
+            else "eager (no CUDA graph: `--graph off`, or not a CUDA device)."
+        ),
         "",
         "LiNC's epoch time includes its end-of-epoch work (alpha snapshot and Otsu: median "
         f"{s['linc_hook_end_seconds_median'] * 1e3:.1f} ms/epoch). The one-off correction pass "
@@ -377,6 +407,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument(
+        "--graph",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="the Trainer's CUDA-graph mode; when it captures, an eager CE run is added",
+    )
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.repeats < 1 or args.threads < 1:
@@ -406,11 +442,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             seed=args.seed,
         )
 
-    raw: dict[str, list[dict[str, Any]]] = {"ce": [], "linc": [], "textbook": []}
+    raw: dict[str, list[dict[str, Any]]] = {"ce": [], "linc": [], "textbook": [], "ce_eager": []}
     for rep in range(args.repeats):
         common = {"epochs": args.epochs, "seed": args.seed}
-        raw["ce"].append(run_trainer(model_fn, images, labels, linc_classes=None, **common))
-        raw["linc"].append(run_trainer(model_fn, images, labels, linc_classes=n_classes, **common))
+        graph = {"graph": args.graph}
+        raw["ce"].append(
+            run_trainer(model_fn, images, labels, linc_classes=None, **common, **graph)
+        )
+        raw["linc"].append(
+            run_trainer(model_fn, images, labels, linc_classes=n_classes, **common, **graph)
+        )
+        if raw["ce"][-1]["graph_captured"]:
+            raw["ce_eager"].append(
+                run_trainer(model_fn, images, labels, linc_classes=None, graph="off", **common)
+            )
         raw["textbook"].append(
             run_textbook(
                 model_fn,

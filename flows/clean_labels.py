@@ -413,6 +413,7 @@ def clean_labels(
     """
     try:
         settings, job_id = check_parameters(settings, job_id, CleanSettings)
+        settings = with_processes(settings)
     except InvalidParameters as err:
         get_run_logger().error("invalid parameters: %s", err)
         # A returned Failed state ends the run with this message and no traceback; called
@@ -443,6 +444,7 @@ def clean_labels(
 
         run: stages.TrainedRun = train_final(data, settings, warmup, correction, progress)
         baseline = train_baseline(data, settings, progress) if settings.baseline else None
+        stages.stop_peers()  # the other ranks of a distributed run have no more stages
         report = evaluate(settings, data, run, baseline)
         report["job"] = {"id": job.job_id, "url": job.url(), "warmup_reused": reused}
         onnx_bytes, parity = export_onnx(run, data, settings)
@@ -493,6 +495,36 @@ def check_parameters(
         except ValueError as err:
             raise InvalidParameters(str(err)) from None
     return settings, job_id
+
+
+def with_processes(settings: CleanSettings) -> CleanSettings:
+    """``settings`` with ``nproc`` set to the processes this run trains in.
+
+    A flow cannot start processes: the command that started this one decides (``noisescore
+    clean --nproc N``, or ``torchrun ... noisescore.cli flow execute`` in a deployment's
+    container). A different ``nproc`` in the parameters is logged and replaced, so that
+    ``spec.json`` and the report say what ran.
+
+    Raises
+    ------
+    InvalidParameters
+        When these settings cannot train in several processes (detectors other than
+        ``linc``, ``cl_folds``, a global batch under 2 per process).
+    """
+    world = stages.world_size()
+    if "nproc" in settings.model_fields_set and settings.nproc != world:
+        get_run_logger().warning(
+            "nproc %d ignored: this run trains in %d process%s, as started by its command "
+            "(torchrun --nproc-per-node, `noisescore clean --nproc`)",
+            settings.nproc,
+            world,
+            "" if world == 1 else "es",
+        )
+    try:
+        stages.check_distributed(settings, world)
+    except ValueError as err:
+        raise InvalidParameters(str(err)) from None
+    return settings.model_copy(update={"nproc": world})
 
 
 def announce_store(job: JobStore, store_settings: StoreSettings) -> None:

@@ -43,11 +43,12 @@ from noisescore.ml.methods import METHODS, create_method
 from noisescore.ml.metrics import classification_metrics
 from noisescore.ml.models import create_model
 from noisescore.ml.samplers import create_sampler
+from noisescore.ml.streaming import images_like, make_images
 from noisescore.ml.train import (
-    DeviceImages,
     Hook,
     TrainConfig,
     Trainer,
+    TrainImages,
     final_linear,
     resolve_device,
 )
@@ -294,8 +295,8 @@ class BestValidation(Hook):
 
     def __init__(
         self,
-        val: tuple[DeviceImages, np.ndarray] | None,
-        test: tuple[DeviceImages, np.ndarray],
+        val: tuple[TrainImages, np.ndarray] | None,
+        test: tuple[TrainImages, np.ndarray],
         *,
         include_start: bool = False,
     ) -> None:
@@ -311,7 +312,7 @@ class BestValidation(Hook):
             self.on_epoch_end(trainer, 0, {})
 
     @staticmethod
-    def _f1(trainer: Trainer, split: tuple[DeviceImages, np.ndarray]) -> float:
+    def _f1(trainer: Trainer, split: tuple[TrainImages, np.ndarray]) -> float:
         images, labels = split
         pred = trainer.predict_logits(images).argmax(1).cpu().numpy()
         return float(f1_score(labels, pred, average="macro", zero_division=0))
@@ -364,7 +365,12 @@ class Learner:
         self.device = resolve_device(settings.device)
         dataset = data.dataset
         self.model = _new_model(data, settings, settings.seed + 2)
-        self.train_images = DeviceImages(dataset.train.images, self.device)
+        self.train_images = make_images(
+            dataset.train.images,
+            self.device,
+            placement=settings.data_placement,
+            share=settings.device_memory_share,
+        )
         self.mean, self.std = self.train_images.mean_list, self.train_images.std_list
         self.val = self._split(dataset.val, data.val_labels)
         test = dataset.test if dataset.test is not None else dataset.train
@@ -373,12 +379,12 @@ class Learner:
         self.phases: list[Phase] = []
         self._optimizer_state: dict[str, Any] | None = None
 
-    def _images(self, images: np.ndarray) -> DeviceImages:
-        return DeviceImages(images, self.device, mean=self.mean, std=self.std)
+    def _images(self, images: np.ndarray) -> TrainImages:
+        return images_like(self.train_images, images)  # same placement and statistics
 
     def _split(
         self, split: Any, labels: np.ndarray | None
-    ) -> tuple[DeviceImages, np.ndarray] | None:
+    ) -> tuple[TrainImages, np.ndarray] | None:
         if split is None or labels is None:
             return None
         return self._images(split.images), np.asarray(labels)
@@ -413,6 +419,7 @@ class Learner:
             lr_milestones=(),
             seed=self.settings.seed + 100 * round,
             augment=self.settings.augment,
+            graph=self.settings.graph,
         )
         images = self._images(self.data.dataset.train.images[indices])
         trainer = Trainer(
@@ -450,7 +457,7 @@ class Learner:
 
     @torch.no_grad()
     def _proba(
-        self, images: DeviceImages, indices: np.ndarray | None = None, *, batch_size: int = 1024
+        self, images: TrainImages, indices: np.ndarray | None = None, *, batch_size: int = 1024
     ) -> np.ndarray:
         """Softmax (M, C) float64 of ``images`` (the rows ``indices``, default all), eval
         mode, ``batch_size`` at a time."""
@@ -487,7 +494,7 @@ class Learner:
             return proba, np.empty((0, dim), dtype=np.float32)
         return proba, torch.cat(captured).cpu().numpy().astype(np.float32)
 
-    def predict_proba(self, images: DeviceImages) -> np.ndarray:
+    def predict_proba(self, images: TrainImages) -> np.ndarray:
         """Class probabilities (N, C) of ``images`` (eval mode)."""
         return self._proba(images)
 

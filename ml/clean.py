@@ -16,15 +16,16 @@ import io
 import json
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from noisescore import __version__
+from noisescore.ml import distributed
 from noisescore.ml.data import Dataset, Split
 from noisescore.ml.detectors import (
     CONSENSUS,
@@ -50,9 +51,11 @@ from noisescore.ml.metrics import (
 )
 from noisescore.ml.models import create_model
 from noisescore.ml.noise import NoiseResult, inject_noise
-from noisescore.ml.train import DeviceImages, EpochStats, Hook, TrainConfig, Trainer, resolve_device
+from noisescore.ml.streaming import images_like, make_images
+from noisescore.ml.train import EpochStats, Hook, TrainConfig, Trainer, TrainImages, resolve_device
 
 if TYPE_CHECKING:
+    from noisescore.ml.distributed import Dist
     from noisescore.settings import CleanSettings
 
 
@@ -244,7 +247,7 @@ class TrainedRun:
     """A finished training: the model, its per-epoch history and (for LiNC) what it found."""
 
     model: nn.Module
-    images: DeviceImages
+    images: TrainImages
     history: list[EpochStats]
     train_seconds: float
     linc: LincResult | None = None
@@ -316,6 +319,27 @@ def train_config(settings: CleanSettings) -> TrainConfig:
         lr_milestones=settings.lr_milestones,
         seed=settings.seed,
         augment=settings.augment,
+        graph=settings.graph,
+    )
+
+
+def _train_images(
+    images: np.ndarray,
+    device: torch.device,
+    settings: CleanSettings,
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> TrainImages:
+    """The training images where ``data_placement`` puts them (the same batches either way,
+    so the placement is not part of the warm-up fingerprint)."""
+    return make_images(
+        images,
+        device,
+        placement=settings.data_placement,
+        share=settings.device_memory_share,
+        mean=mean,
+        std=std,
     )
 
 
@@ -342,7 +366,7 @@ def _trainer(
         img_size=dataset.image_size[0],
         checkpoint=settings.checkpoint,
     )
-    images = DeviceImages(dataset.train.images, device, mean=mean, std=std)
+    images = _train_images(dataset.train.images, device, settings, mean=mean, std=std)
     return Trainer(
         model,
         images,
@@ -351,6 +375,7 @@ def _trainer(
         hooks=hooks,
         progress=progress,
         desc=desc,
+        dist=distributed.current(),
     )
 
 
@@ -364,6 +389,7 @@ def linc_warmup(
     """Epochs ``1..warmup_epochs`` with trainable trust and ``settings.detectors`` recording
     their scores; ``hooks`` run after those. With ``settings.cl_folds = K``, then K
     out-of-fold trainings of the same length for confident learning."""
+    _announce("linc_warmup", data, settings)
     n_classes = data.dataset.n_classes
     linc = LiNC(
         n_classes,
@@ -385,6 +411,7 @@ def linc_warmup(
     )
     start = time.perf_counter()
     trainer.fit(stop_epoch=settings.warmup_epochs)
+    _finished()
     scores = {d.name: d.scores_by_epoch_ for d in detectors}
     extras = {k: v for d in detectors for k, v in d.extras_.items()}
     trainer_state = trainer.state_dict()
@@ -425,7 +452,7 @@ def out_of_fold_proba(
             img_size=data.dataset.image_size[0],
             checkpoint=settings.checkpoint,
         )
-        fit = DeviceImages(images[fit_idx], device)
+        fit = _train_images(images[fit_idx], device, settings)
         trainer = Trainer(
             model,
             fit,
@@ -435,7 +462,7 @@ def out_of_fold_proba(
             desc="cl fold",
         )
         trainer.fit()
-        held = DeviceImages(images[held_idx], device, mean=fit.mean_list, std=fit.std_list)
+        held = images_like(fit, images[held_idx])
         return trainer.predict_proba(held)
 
     return out_of_fold_probabilities(
@@ -477,6 +504,12 @@ def train_final(
     hooks: Sequence[Hook] = (),
 ) -> TrainedRun:
     """Resume from the warm-up and train epochs ``w+1..E`` on the corrected labels."""
+    _announce(
+        "train_final",
+        data,
+        settings,
+        lambda: (warmup.to_bytes(fingerprint=warmup_fingerprint(settings, data)), correction),
+    )
     trainer = _trainer(
         data,
         settings,
@@ -491,6 +524,7 @@ def train_final(
     start = time.perf_counter()
     if trainer.epoch < settings.epochs:
         trainer.fit()
+    _finished()
     seconds = warmup.seconds + time.perf_counter() - start
     linc = LincResult(warmup, correction)
     return TrainedRun(trainer.model, trainer.images, trainer.history, seconds, linc, trainer)
@@ -504,22 +538,22 @@ def train_baseline(
     hooks: Sequence[Hook] = (),
 ) -> TrainedRun:
     """Plain cross-entropy on the observed labels, same seed, same loop."""
+    _announce("train_baseline", data, settings)
     trainer = _trainer(
         data, settings, data.train_labels, hooks=hooks, progress=progress, desc="baseline CE"
     )
     start = time.perf_counter()
     history = trainer.fit()
+    _finished()
     seconds = time.perf_counter() - start
     return TrainedRun(trainer.model, trainer.images, history, seconds, None, trainer)
 
 
 def predict_split(run: TrainedRun, split: Split) -> np.ndarray:
-    """Class probabilities (N, C) of ``run``'s model on ``split``, normalised like train."""
+    """Class probabilities (N, C) of ``run``'s model on ``split``, normalised (and placed:
+    device or streamed) like train."""
     assert run.trainer is not None
-    images = DeviceImages(
-        split.images, run.images.device, mean=run.images.mean_list, std=run.images.std_list
-    )
-    return run.trainer.predict_proba(images)
+    return run.trainer.predict_proba(images_like(run.images, split.images))
 
 
 def calibrate_suspect_cutoff(data: PreparedData, run: TrainedRun) -> float:
@@ -652,7 +686,11 @@ def build_report(
             "image_size": list(dataset.image_size),
         },
         "noise": noise,
-        "model": {"name": settings.model, "device": str(run.images.device)},
+        "model": {
+            "name": settings.model,
+            "device": str(run.images.device),
+            "processes": run.trainer.world_size if run.trainer is not None else 1,
+        },
         "linc": linc,
         "detectors": detectors_report(linc_result.warmup, fix.flag_by, flipped),
         "test": _test_metrics(run, dataset),
@@ -675,3 +713,197 @@ def run_clean(settings: CleanSettings, *, progress: bool = False) -> CleanResult
     baseline = train_baseline(data, settings, progress=progress) if settings.baseline else None
     report = build_report(settings, data, run, baseline)
     return CleanResult(settings, data, run, baseline, report)
+
+
+# ----------------------------------------------------------------------------- distributed
+# Under torchrun, rank 0 runs the job (the Prefect flow) as in one process; the other ranks
+# run serve_stages: before each training stage rank 0 sends them a StageCommand, and they
+# run the same stage function on data they prepare themselves, so that every rank enters
+# the stage's collectives (DDP's all-reduces, LiNC's epoch-end sums) together.
+
+STOP = "stop"
+#: The stages every rank runs together; everything else runs on rank 0 alone.
+DISTRIBUTED_STAGES = ("linc_warmup", "train_final", "train_baseline")
+# Settings that determine the prepared data (a rank reads it once per job).
+_DATA_FIELDS = {"dataset", "data_dir", "image_size", "noise", "noise_val", "seed", "dataset_roots"}
+
+
+class StageCommand(NamedTuple):
+    """What rank 0 broadcasts to the other ranks before a training stage, or to stop.
+
+    Attributes
+    ----------
+    stage : str
+        One of :data:`DISTRIBUTED_STAGES`, or :data:`STOP`.
+    settings_json : str
+        The job's :class:`CleanSettings` as JSON; the other ranks prepare their data from it.
+    payload : Any
+        What the stage needs besides the data: for ``train_final`` the warm-up checkpoint
+        (:meth:`Warmup.to_bytes`) and the :class:`Correction`; else ``None``.
+    labels_fingerprint : str
+        :func:`labels_fingerprint` of rank 0's training data.
+    """
+
+    stage: str
+    settings_json: str
+    payload: Any
+    labels_fingerprint: str
+
+
+@dataclass
+class _Dispatch:
+    """Rank 0's view of the other ranks: the stage they are in, and whether they stopped."""
+
+    in_flight: str | None = None
+    stopped: bool = False
+
+
+_dispatch = _Dispatch()
+
+
+def distributed_group() -> Dist | None:
+    """This process's :class:`Dist` when the job trains in several processes, else None."""
+    dist = distributed.current()
+    return dist if dist is not None and dist.world_size > 1 else None
+
+
+def world_size() -> int:
+    """Processes this job trains in (1 without a process group)."""
+    dist = distributed_group()
+    return 1 if dist is None else dist.world_size
+
+
+def check_distributed(settings: CleanSettings, world: int) -> None:
+    """Refuse, in one line, what cannot train in ``world`` > 1 processes.
+
+    ``cl_folds``' out-of-fold trainings run in one process, and ``batch_size`` is the
+    global batch: each process needs at least 2. (Detectors merge their per-sample state
+    over the processes at each epoch end: they train distributed.)
+
+    Raises
+    ------
+    ValueError
+        Naming the setting and what to set instead.
+    """
+    if world <= 1:
+        return
+    if settings.cl_folds:
+        raise ValueError(
+            f"cl_folds {settings.cl_folds} cannot train in {world} processes (nproc {world}): "
+            f"its out-of-fold trainings run in one process; set --cl-folds 0"
+        )
+    if settings.batch_size // world < 2:
+        raise ValueError(
+            f"batch_size {settings.batch_size} is the global batch: with {world} processes "
+            f"each gets fewer than 2 samples; use at least {2 * world}"
+        )
+
+
+def labels_fingerprint(data: PreparedData) -> str:
+    """sha256 of the training labels and the train images' shape: equal on every rank
+    that prepared the same data."""
+    digest = hashlib.sha256(np.ascontiguousarray(data.train_labels, dtype=np.int64).tobytes())
+    digest.update(str(data.dataset.train.images.shape).encode())
+    return digest.hexdigest()
+
+
+def _announce(
+    stage: str,
+    data: PreparedData,
+    settings: CleanSettings,
+    payload: Callable[[], Any] | None = None,
+) -> None:
+    """On rank 0 of a distributed job: send ``stage`` to the other ranks (a no-op anywhere
+    else). Called first thing by each of :data:`DISTRIBUTED_STAGES`; :func:`_finished`
+    marks the stage's collectives done."""
+    dist = distributed_group()
+    if dist is None or not dist.is_main:
+        return
+    if _dispatch.stopped:
+        raise RuntimeError(f"{stage}: the other ranks were already sent {STOP!r}")
+    if _dispatch.in_flight is not None:
+        raise RuntimeError(
+            f"{stage}: the other ranks are still in {_dispatch.in_flight}, which failed here"
+        )
+    check_distributed(settings, dist.world_size)
+    command = StageCommand(
+        stage,
+        settings.model_dump_json(),
+        payload() if payload is not None else None,
+        labels_fingerprint(data),
+    )
+    dist.broadcast_object(command)
+    _dispatch.in_flight = stage
+
+
+def _finished() -> None:
+    """The announced stage's collectives are done (every rank left them)."""
+    _dispatch.in_flight = None
+
+
+def stage_failed() -> str | None:
+    """On rank 0: the stage that failed while the other ranks were in it, else None."""
+    return _dispatch.in_flight
+
+
+def stop_peers() -> bool:
+    """On rank 0 of a distributed job: send :data:`STOP` to the other ranks, once.
+
+    Returns False when nothing was sent: one process, not rank 0, already stopped, or a
+    stage failed midway (the other ranks are inside its collectives and cannot receive a
+    command: they end when this process exits non-zero and the launcher stops the job).
+    """
+    dist = distributed_group()
+    if dist is None or not dist.is_main or _dispatch.stopped or _dispatch.in_flight:
+        return False
+    dist.broadcast_object(StageCommand(STOP, "", None, ""))
+    _dispatch.stopped = True
+    return True
+
+
+def serve_stages(dist: Dist) -> int:
+    """Ranks > 0: run the stages rank 0 announces until it sends :data:`STOP`.
+
+    Each command's settings say which data to prepare (read once, kept for the next
+    stage); the training labels must match rank 0's fingerprint. Returns the number of
+    stages run.
+
+    Raises
+    ------
+    ValueError
+        When this rank's data differ from rank 0's, or for a command it does not know.
+    """
+    from noisescore.settings import CleanSettings
+
+    prepared: tuple[str, PreparedData] | None = None
+    served = 0
+    while True:
+        command = dist.broadcast_object(None)
+        if not isinstance(command, tuple) or len(command) != 4:
+            raise ValueError(f"rank {dist.rank}: unexpected message from rank 0: {command!r:.80}")
+        stage, settings_json, payload, fingerprint = command
+        if stage == STOP:
+            return served
+        if stage not in DISTRIBUTED_STAGES:
+            raise ValueError(f"rank {dist.rank}: unknown stage {stage!r} from rank 0")
+        settings = CleanSettings(**json.loads(settings_json))
+        key = json.dumps(settings.model_dump(mode="json", include=_DATA_FIELDS), sort_keys=True)
+        if prepared is None or prepared[0] != key:
+            prepared = None  # free the previous job's data first
+            prepared = (key, prepare_data(settings))
+        data = prepared[1]
+        if labels_fingerprint(data) != fingerprint:
+            raise ValueError(
+                f"rank {dist.rank}: its training labels of {settings.dataset} differ from "
+                f"rank 0's: every process must read the same dataset (same file, data dir "
+                f"and version on every node)"
+            )
+        if stage == "linc_warmup":
+            linc_warmup(data, settings)
+        elif stage == "train_final":
+            checkpoint, correction = payload
+            warmup = Warmup.from_bytes(checkpoint, fingerprint=warmup_fingerprint(settings, data))
+            train_final(data, settings, warmup, correction)
+        else:
+            train_baseline(data, settings)
+        served += 1

@@ -104,18 +104,24 @@ def linc_targets(
 
 
 def alpha_gradient(
-    log_probs: torch.Tensor, onehot: torch.Tensor, *, reduction: AlphaGrad = "sample"
+    log_probs: torch.Tensor,
+    onehot: torch.Tensor,
+    *,
+    reduction: AlphaGrad = "sample",
+    batch_size: int | None = None,
 ) -> torch.Tensor:
     """``dL/dalpha`` for the batch, shape (B,), computed in closed form (no autograd).
 
     ``dL/dalpha_i = sum_k (s_ik - onehot_ik) * log p_ik`` for ``L = sum_i loss_i``
     (``reduction="sample"``); divided by ``B`` for ``L = mean_i loss_i`` (``"mean"``).
-    Positive when the model disagrees with the label (alpha goes down).
+    Positive when the model disagrees with the label (alpha goes down). ``batch_size``
+    is the ``B`` of the mean (default: the rows given); a distributed run passes the
+    global batch, of which each rank holds a shard.
     """
     log_probs = log_probs.detach()
     grad = ((log_probs.exp() - onehot) * log_probs).sum(dim=1)
     if reduction == "mean":
-        grad = grad / log_probs.shape[0]
+        grad = grad / (log_probs.shape[0] if batch_size is None else batch_size)
     elif reduction != "sample":
         raise ValueError(f"alpha_grad must be 'sample' or 'mean', got {reduction!r}")
     return grad
@@ -149,6 +155,13 @@ class LiNC(Hook):
         Observed labels, with flagged samples replaced by ``predicted_labels_``.
     """
 
+    #: The per-step work (alpha gather, targets, closed-form gradient, clipped scatter) is
+    #: device work on tensors that keep their storage: a captured step replays it.
+    graph_safe = True
+    #: Each rank updates the alpha of its own shard's samples; the shards are disjoint, so
+    #: merging the changes at epoch end gives every rank one process's alpha.
+    distributed_safe = True
+
     def __init__(
         self,
         n_classes: int,
@@ -170,6 +183,7 @@ class LiNC(Hook):
         self.alpha: torch.Tensor | None = None
         self._saved: tuple[torch.Tensor, torch.Tensor] | None = None
         self._by_epoch: list[np.ndarray] = []
+        self._epoch_start_alpha: torch.Tensor | None = None  # distributed runs only
 
     def on_train_start(self, trainer: Trainer) -> None:
         if trainer.config.epochs < self.warmup_epochs:
@@ -181,13 +195,24 @@ class LiNC(Hook):
         self.observed_labels_ = trainer.labels.cpu().numpy().copy()
         self._by_epoch = []
 
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        if trainer.world_size > 1 and epoch <= self.warmup_epochs:
+            assert self.alpha is not None
+            self._epoch_start_alpha = self.alpha.clone()
+
+    def graph_key(self, trainer: Trainer, epoch: int) -> bool:
+        return epoch <= self.warmup_epochs  # the warm-up's step differs from plain CE
+
     def loss(
         self, trainer: Trainer, logits: torch.Tensor, idx: torch.Tensor, epoch: int
     ) -> torch.Tensor | None:
         if epoch > self.warmup_epochs:
             return None  # plain cross-entropy on the corrected labels
         assert self.alpha is not None
-        onehot = F.one_hot(trainer.labels[idx], self.n_classes).float()
+        labels = trainer.labels[idx]
+        # scatter_, not F.one_hot: no range check, so no host sync inside a captured step.
+        onehot = torch.zeros(len(labels), self.n_classes, device=logits.device)
+        onehot.scatter_(1, labels.unsqueeze(1), 1.0)
         log_probs = F.log_softmax(logits.float(), dim=1)
         targets = linc_targets(log_probs, onehot, self.alpha[idx])
         self._saved = (log_probs.detach(), onehot)
@@ -198,7 +223,9 @@ class LiNC(Hook):
             return
         assert self.alpha is not None
         log_probs, onehot = self._saved
-        grad = alpha_gradient(log_probs, onehot, reduction=self.alpha_grad)
+        grad = alpha_gradient(
+            log_probs, onehot, reduction=self.alpha_grad, batch_size=len(idx) * trainer.world_size
+        )
         a = self.alpha[idx]
         self.alpha[idx] = (a - self.alpha_lr * grad - self.alpha_lr * self.alpha_wd * a).clamp_(
             0.0, 1.0
@@ -209,7 +236,8 @@ class LiNC(Hook):
         if epoch > self.warmup_epochs:
             return
         assert self.alpha is not None
-        alpha = self.alpha.float().cpu().numpy().copy()
+        self._reduce_alpha(trainer)
+        alpha = self._snapshot()
         self._by_epoch.append(alpha)
         threshold = otsu_threshold(alpha)
         stats["trust_mean"] = float(alpha.mean())
@@ -217,13 +245,53 @@ class LiNC(Hook):
         if epoch == self.warmup_epochs:
             self._correct(trainer, alpha, threshold)
 
+    def _snapshot(self) -> np.ndarray:
+        """alpha copied to the host once per epoch: on CUDA a non-blocking copy into pinned
+        memory (the step itself never syncs; this copy waits only for the epoch's queue)."""
+        assert self.alpha is not None
+        if self.alpha.device.type != "cuda":
+            return self.alpha.float().cpu().numpy().copy()
+        host = torch.empty(self.alpha.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(self.alpha, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        done.synchronize()
+        return host.numpy()
+
+    def _reduce_alpha(self, trainer: Trainer) -> None:
+        """Distributed runs: every rank's alpha becomes the merge of all ranks' epochs.
+
+        A sample's alpha changes on the one rank whose shard holds it, so each rank sends
+        the alphas it changed (and a 1 where it did) and takes the sum where any rank
+        changed the sample: exactly the owner's value, with no rounding. Samples no rank
+        saw (the trimmed remainder, a dropped last batch) keep their start-of-epoch alpha.
+        """
+        dist = trainer.dist
+        if dist is None or trainer.world_size == 1:
+            return
+        assert self.alpha is not None and self._epoch_start_alpha is not None
+        start = self._epoch_start_alpha
+        changed = self.alpha != start
+        merged = torch.stack([torch.where(changed, self.alpha, 0.0), changed.float()])
+        dist.all_reduce_sum_(merged)
+        self.alpha.copy_(torch.where(merged[1] > 0, merged[0], start))  # in place: captured
+        self._epoch_start_alpha = None
+
     def _correct(self, trainer: Trainer, alpha: np.ndarray, threshold: float) -> None:
         self.trust_ = alpha
         self.trust_by_epoch_ = np.stack(self._by_epoch)
-        self.predicted_labels_ = (
-            trainer.predict_logits(trainer.images).argmax(dim=1).cpu().numpy().astype(np.int64)
-        )
-        correction = otsu_correct(alpha, self.predicted_labels_, self.observed_labels_)
+        # Distributed: rank 0 predicts and splits, every rank takes its result (the same
+        # labels everywhere, whatever a device's nondeterminism would make of N forwards).
+        dist = trainer.dist if trainer.world_size > 1 else None
+        found: tuple[np.ndarray, Correction] | None = None
+        if dist is None or dist.is_main:
+            logits = trainer.predict_logits(trainer.images)
+            predicted = logits.argmax(dim=1).cpu().numpy().astype(np.int64)
+            found = (predicted, otsu_correct(alpha, predicted, self.observed_labels_))
+        if dist is not None:
+            found = dist.broadcast_object(found)
+        assert found is not None
+        self.predicted_labels_, correction = found
         assert correction.otsu_threshold == threshold
         self.otsu_threshold_ = correction.otsu_threshold
         self.flagged_ = correction.flagged

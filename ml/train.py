@@ -3,6 +3,8 @@
 The dataset lives on the device as uint8 and batches are sliced out of it by index
 (every MedMNIST 28 px set fits easily: BloodMNIST's train split is 28 MB). There is no
 per-sample Python in the hot path, no DataLoader and no host-to-device copy per batch.
+A set too large for the device stays in host memory instead and each batch is copied
+ahead of its step, overlapped with compute (:mod:`noisescore.ml.streaming`).
 On CUDA the forward pass runs under bf16 autocast with channels-last memory layout.
 """
 
@@ -10,15 +12,18 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from noisescore.ml.distributed import Dist, shard_batches
+from noisescore.ml.step_graph import GraphMode, StepGraphs, graph_plan
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -48,11 +53,84 @@ class TrainConfig:
     lr_gamma: float = 0.1
     seed: int = 0
     augment: bool = False
+    #: Capture the training step as a CUDA graph: ``auto`` (on for CUDA), ``on``, ``off``.
+    graph: GraphMode = "auto"
 
     def milestones(self) -> list[int]:
         if self.lr_milestones is not None:
             return sorted(self.lr_milestones)
         return [m for m in (self.epochs // 2, (3 * self.epochs) // 4) if m > 0]
+
+
+def channel_stats(
+    data: torch.Tensor,
+    *,
+    chunk_elements: int = 1 << 24,
+    compute_device: torch.device | None = None,
+) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation (unbiased, floored at 1e-3) of uint8 images
+    scaled to [0, 1], the normalisation statistics of a training set.
+
+    Parameters
+    ----------
+    data : torch.Tensor, shape (N, C, H, W), uint8
+        On any device (or host memory); never copied whole.
+    chunk_elements : int
+        Elements converted at a time (the only working memory: 4 bytes each).
+    compute_device : torch.device, optional
+        Where the sums run (default: ``data``'s device); chunks are copied there.
+
+    Returns
+    -------
+    mean, std : list of float, length C
+
+    Notes
+    -----
+    The sums are exact integers, so the numbers are the same whatever the device, the
+    chunking, or whether the images live on the device or in host memory: both
+    placements of :func:`noisescore.ml.streaming.make_images` normalise alike.
+    """
+    if data.ndim != 4 or data.dtype != torch.uint8:
+        raise ValueError(
+            f"images must be uint8 of shape (N, C, H, W), got {data.dtype} {tuple(data.shape)}"
+        )
+    n, c, h, w = data.shape
+    count = n * h * w
+    if count == 0:
+        raise ValueError("cannot compute normalisation statistics of zero images")
+    per_chunk = max(1, chunk_elements // max(c * h * w, 1))
+    where = data.device if compute_device is None else compute_device
+    sums = torch.zeros(c, dtype=torch.int64, device=where)
+    squares = torch.zeros(c, dtype=torch.int64, device=where)
+    for start in range(0, n, per_chunk):
+        chunk = data[start : start + per_chunk].to(where).to(torch.int32)
+        sums += chunk.sum(dim=(0, 2, 3), dtype=torch.int64)
+        squares += chunk.square_().sum(dim=(0, 2, 3), dtype=torch.int64)  # 255**2 fits int32
+    mean, std = [], []
+    for s, q in zip(sums.tolist(), squares.tolist(), strict=True):
+        mean.append(s / (count * 255))  # Python ints: one rounding, exact otherwise
+        var = (count * q - s * s) / (count * max(count - 1, 1) * 255**2)
+        std.append(max(math.sqrt(max(var, 0.0)), 1e-3))
+    return mean, std
+
+
+class TrainImages(Protocol):
+    """What the training loop reads images through: :class:`DeviceImages` (the whole set
+    on the device) or :class:`noisescore.ml.streaming.HostImages` (host memory, batches
+    copied to the device as they are needed)."""
+
+    device: torch.device
+    mean_list: list[float]
+    std_list: list[float]
+    channels_last: bool
+
+    def __len__(self) -> int: ...
+
+    def batch(self, idx: torch.Tensor | slice) -> torch.Tensor: ...
+
+    def iter_batches(
+        self, batches: Sequence[torch.Tensor]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
 class DeviceImages:
@@ -73,10 +151,7 @@ class DeviceImages:
         self.device = device
         self.data = torch.from_numpy(np.ascontiguousarray(images)).to(device)
         if mean is None or std is None:
-            as_float = self.data.float().div_(255)
-            mean = as_float.mean(dim=(0, 2, 3)).tolist()
-            std = as_float.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
-            del as_float
+            mean, std = channel_stats(self.data)  # exact, without a float copy of the set
         self.mean_list, self.std_list = list(mean), list(std)
         shape = (1, -1, 1, 1)
         self.mean = torch.tensor(self.mean_list, device=device).view(shape)
@@ -190,10 +265,26 @@ class Hook:
 
     #: Ask the trainer to capture the input of the model's final linear layer.
     needs_features: bool = False
+    #: The hook's per-step work may be captured in a CUDA graph and replayed: it only
+    #: launches device work on tensors that keep their storage, with no host sync, no
+    #: data-dependent shape and no Python state that must change per step (see
+    #: :mod:`noisescore.ml.step_graph`). Hooks without per-step work need not say.
+    graph_safe: bool = False
     #: Networks this hook owns, trained by the loop beside ``trainer.model``.
     extra_models: Sequence[nn.Module] = ()
+    #: The hook's per-step work is right when each process of a distributed run sees
+    #: only its shard of every batch (and the hook merges across ranks what it must, in
+    #: its epoch methods). A hook that overrides a per-step method (``loss``,
+    #: ``batch_loss``, ``before_step``, ``after_step``, ``on_step``) without saying so
+    #: is refused by a distributed :class:`Trainer`; epoch-level hooks need not say.
+    distributed_safe: bool = False
 
     def on_train_start(self, trainer: Trainer) -> None: ...
+
+    def graph_key(self, trainer: Trainer, epoch: int) -> Hashable:
+        """What the hook's per-step work depends on in ``epoch`` beyond tensors (a captured
+        step is replayed only within the same key): e.g. LiNC's warm-up or not."""
+        return None
 
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None: ...
 
@@ -260,30 +351,42 @@ class Trainer:
     ----------
     model : torch.nn.Module
         Any classifier returning logits of shape (B, C).
-    images : DeviceImages
-        Training images on the device.
+    images : TrainImages
+        Training images: :class:`DeviceImages`, or streamed from host memory
+        (:class:`noisescore.ml.streaming.HostImages`).
     labels : np.ndarray, shape (N,), int
         Training labels; hooks may replace ``trainer.labels`` (a device tensor) mid-run.
     config : TrainConfig
     hooks : sequence of Hook
     progress : bool
-        Show a progress bar (only when stderr is a terminal).
+        Show a progress bar (only when stderr is a terminal; on rank 0 only).
+    dist : Dist or None
+        The process group of a distributed run (:func:`noisescore.ml.distributed.current`),
+        or ``None`` for one process. With more than one process the models train as
+        DistributedDataParallel wrappers (rank 0's initial weights on every rank), each
+        rank on its shard of every batch (``config.batch_size`` stays the global batch),
+        and the epoch's loss and accuracy are those of all ranks. Every rank must build
+        the same trainer (same data, labels, config and hooks).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        images: DeviceImages,
+        images: TrainImages,
         labels: np.ndarray,
         *,
         config: TrainConfig,
         hooks: Sequence[Hook] = (),
         progress: bool = False,
         desc: str = "train",
+        dist: Dist | None = None,
     ):
         self.device = images.device
-        self.model = model.to(self.device)
+        self.dist = dist
         self.hooks = list(hooks)
+        if self.world_size > 1:
+            _check_distributed(self.hooks, self.device, dist)
+        self.model = model.to(self.device)
         extra = [m.to(self.device) for h in self.hooks for m in h.extra_models]
         #: Every network the loop trains: ``model`` first, then the hooks' extra ones.
         self.models: list[nn.Module] = [self.model, *extra]
@@ -296,21 +399,31 @@ class Trainer:
         if len(self._labels) != len(images):
             raise ValueError(f"{len(images)} images but {len(self._labels)} labels")
         #: The modules the training forward pass calls (``models``, or their DDP wrappers).
-        self._forward_models: list[nn.Module] = list(self.models)
+        self._forward_models: list[nn.Module] = (
+            [self._ddp(m) for m in self.models] if self.world_size > 1 else list(self.models)
+        )
         self._loss_sum = torch.zeros((), device=self.device)
         self._correct = torch.zeros((), device=self.device, dtype=torch.long)
         self.config = config
-        self.progress = progress
+        self.progress = progress and (dist is None or dist.is_main)
         self.desc = desc
+        use_graph = graph_plan(
+            config.graph, self.device, self.hooks, distributed=self.world_size > 1
+        )
         # One Adam over every model's parameters is one Adam per model (state per parameter).
         self.optimizer = torch.optim.Adam(
             [p for m in self.models for p in m.parameters()],
             lr=config.lr,
             weight_decay=config.weight_decay,
+            # A captured step needs Adam's step counter and LR on the device.
+            capturable=use_graph,
         )
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, milestones=config.milestones(), gamma=config.lr_gamma
         )
+        self._graphs = StepGraphs(self._eager_step, self._graph_phase) if use_graph else None
+        if self._graphs is not None:
+            self._tensor_lr()
         self.history: list[EpochStats] = []
         self.epoch = 0  # epochs completed; fit() resumes after it
         self.last_epoch_stats: EpochStats | None = None  # set before hooks' on_epoch_end
@@ -362,10 +475,57 @@ class Trainer:
     def n_samples(self) -> int:
         return len(self.images)
 
+    @property
+    def world_size(self) -> int:
+        """Processes training together: 1 without ``dist``."""
+        return 1 if self.dist is None else self.dist.world_size
+
+    def _ddp(self, model: nn.Module) -> nn.Module:
+        """``model`` wrapped for data-parallel training; constructing it broadcasts rank 0's
+        parameters and buffers to every rank (a collective: every rank builds the same
+        wrappers in the same order)."""
+        assert self.dist is not None
+        device_ids = [self.dist.local_rank] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
     def autocast(self) -> torch.autocast:
+        # Autocast's weight-cast cache must be off where a step is captured (PyTorch docs).
         return torch.autocast(
-            device_type=self.device.type, dtype=torch.bfloat16, enabled=self._autocast
+            device_type=self.device.type,
+            dtype=torch.bfloat16,
+            enabled=self._autocast,
+            cache_enabled=self._graphs is None,
         )
+
+    @property
+    def graph_captured(self) -> bool:
+        """Whether full batches run as a replayed CUDA graph in this run."""
+        return self._graphs is not None
+
+    def _graph_phase(self, epoch: int) -> Hashable:
+        return tuple(h.graph_key(self, epoch) for h in self.hooks)
+
+    def _match_optimizer_mode(self) -> None:
+        """After loading an optimizer state saved by a run in the other mode (a warm-up
+        captured on a GPU, resumed eagerly, or the reverse): Adam's ``capturable`` flag and
+        step counters as this run needs them."""
+        capturable = self._graphs is not None
+        for group in self.optimizer.param_groups:
+            group["capturable"] = capturable
+            for p in group["params"]:
+                step = self.optimizer.state.get(p, {}).get("step")
+                if isinstance(step, torch.Tensor):
+                    device = p.device if capturable else torch.device("cpu")
+                    self.optimizer.state[p]["step"] = step.to(device, torch.float32)
+        if capturable:
+            self._tensor_lr()
+
+    def _tensor_lr(self) -> None:
+        """Each group's LR as a device tensor: a captured Adam step reads it at replay, and
+        the LR schedule fills it in place."""
+        for group in self.optimizer.param_groups:
+            if not isinstance(group["lr"], torch.Tensor):
+                group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         flip = (torch.rand(x.shape[0], 1, 1, 1, generator=self._augment_generator) < 0.5).to(
@@ -375,6 +535,8 @@ class Trainer:
 
     def _batches(self) -> list[torch.Tensor]:
         perm = torch.randperm(self.n_samples, generator=self._generator).to(self.device)
+        if self.dist is not None and self.world_size > 1:  # the same perm on every rank
+            return shard_batches(perm, self.config.batch_size, self.dist.rank, self.world_size)
         batches = list(torch.split(perm, self.config.batch_size))
         if len(batches) > 1 and len(batches[-1]) < 2:  # BatchNorm cannot train on one sample
             batches.pop()
@@ -408,12 +570,27 @@ class Trainer:
         )
 
     def _epoch_totals(self, seen: int) -> tuple[float, int, int]:
-        """Loss sum, correct count and samples of the epoch (one host sync per epoch)."""
-        return float(self._loss_sum), int(self._correct), seen
+        """Loss sum, correct count and samples of the epoch (one host sync per epoch), over
+        all ranks of a distributed run (one all-reduce: float64 counts are exact)."""
+        if self.dist is None or self.world_size == 1:
+            return float(self._loss_sum), int(self._correct), seen
+        totals = torch.stack(
+            [
+                self._loss_sum.double(),
+                self._correct.double(),
+                torch.tensor(float(seen), dtype=torch.float64, device=self.device),
+            ]
+        )
+        loss_sum, correct, seen_all = self.dist.all_reduce_sum_(totals).tolist()
+        return loss_sum, round(correct), round(seen_all)
 
     def _step(self, idx: torch.Tensor, x: torch.Tensor, epoch: int) -> None:
-        """One optimisation step on the batch ``idx`` (images ``x``, normalised)."""
-        self._eager_step(idx, x, epoch)
+        """One optimisation step on the batch ``idx`` (images ``x``, normalised): replayed
+        from a CUDA graph for full batches in graph mode, else eager."""
+        if self._graphs is not None and len(idx) == self.config.batch_size:
+            self._graphs.step(idx, x, epoch)
+        else:
+            self._eager_step(idx, x, epoch)
 
     def _eager_step(self, idx: torch.Tensor, x: torch.Tensor, epoch: int) -> None:
         """Forward every model, the hooks' loss, backward, the hooks' gradient and step work,
@@ -435,7 +612,8 @@ class Trainer:
                 loss = F.cross_entropy(logits, batch.labels)
             else:
                 loss = torch.stack([F.cross_entropy(z, batch.labels) for z in logits_all]).sum()
-        self.optimizer.zero_grad(set_to_none=True)
+        # In graph mode gradients keep their storage (a captured step accumulates into it).
+        self.optimizer.zero_grad(set_to_none=self._graphs is None)
         loss.backward()
         for hook in self._grad_hooks:
             hook.before_step(self, batch)
@@ -464,6 +642,11 @@ class Trainer:
             )
         for hook in self.hooks:
             hook.on_train_start(self)
+        if self._graphs is not None:
+            # Hooks and callers may have replaced tensors a graph captured (alpha, the
+            # optimizer's LR): capture afresh.
+            self._graphs.reset()
+            self._tensor_lr()
         bar = tqdm(
             range(self.epoch + 1, stop + 1),
             desc=self.desc,
@@ -493,7 +676,7 @@ class Trainer:
             "epoch": self.epoch,
             "model": _cpu_state(self.model),
             "extra_models": [_cpu_state(m) for m in self.models[1:]],
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": _portable_optimizer_state(self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "generator": self._generator.get_state(),
             "augment_generator": self._augment_generator.get_state(),
@@ -510,6 +693,7 @@ class Trainer:
         for m, m_state in zip(self.models[1:], extra, strict=True):
             m.load_state_dict(m_state)
         self.optimizer.load_state_dict(state["optimizer"])
+        self._match_optimizer_mode()
         self.scheduler.load_state_dict(state["scheduler"])
         self._generator.set_state(state["generator"])
         self._augment_generator.set_state(state["augment_generator"])
@@ -518,7 +702,7 @@ class Trainer:
 
     @torch.no_grad()
     def predict_logits(
-        self, images: DeviceImages, *, batch_size: int = 1024, model: int = 0
+        self, images: TrainImages, *, batch_size: int = 1024, model: int = 0
     ) -> torch.Tensor:
         """Logits (float32, on the device) of ``images`` in eval mode, from
         ``self.models[model]``."""
@@ -532,10 +716,42 @@ class Trainer:
         net.train(was_training)
         return torch.cat(outputs) if outputs else torch.empty(0, device=self.device)
 
-    def predict_proba(self, images: DeviceImages, *, model: int = 0) -> np.ndarray:
+    def predict_proba(self, images: TrainImages, *, model: int = 0) -> np.ndarray:
         """Class probabilities, shape (N, C), float64 numpy."""
         logits = self.predict_logits(images, model=model)
         return torch.softmax(logits, dim=1).double().cpu().numpy()
+
+
+def _portable_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state with plain-float LRs and ``capturable`` off, loadable by an
+    eager run (a captured run turns it back on when it loads it)."""
+    state = optimizer.state_dict()
+    for group in state["param_groups"]:
+        group["capturable"] = False
+        for key in ("lr", "initial_lr"):
+            if isinstance(group.get(key), torch.Tensor):
+                group[key] = float(group[key])
+    return state
+
+
+#: The hook methods that run on every step: what a distributed trainer shards.
+_PER_STEP_METHODS = ("loss", "batch_loss", "before_step", "after_step", "on_step")
+
+
+def _check_distributed(hooks: Sequence[Hook], device: torch.device, dist: Dist | None) -> None:
+    """Refuse what a distributed run cannot do: a hook with per-step work that does not
+    declare ``distributed_safe``, or a trainer on another kind of device than the group's."""
+    assert dist is not None
+    if device.type != dist.device.type:
+        raise ValueError(
+            f"the trainer's device is {device.type} but the process group runs on "
+            f"{dist.device.type} (start it with the same --device)"
+        )
+    for hook in hooks:
+        kind = type(hook)
+        per_step = any(getattr(kind, m) is not getattr(Hook, m) for m in _PER_STEP_METHODS)
+        if per_step and not hook.distributed_safe:
+            raise ValueError(f"{kind.__name__} does not support distributed training (--nproc > 1)")
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:

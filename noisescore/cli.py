@@ -1,8 +1,9 @@
 """``noisescore`` command line. Settings flags map one-to-one onto :class:`CleanSettings`.
 
-Verbs: ``clean`` (run the clean-labels flow here), ``flow run`` / ``flow serve`` (through
-a Prefect API), ``verify`` (check a stored job against its manifest), ``datasets upload``
-(put a checked dataset into MinIO/S3).
+Verbs: ``clean`` (run the clean-labels flow here; ``--nproc N`` in N processes under
+torchrun), ``flow run`` / ``flow serve`` / ``flow execute`` (through a Prefect API),
+``verify`` (check a stored job against its manifest), ``datasets upload`` (put a checked
+dataset into MinIO/S3).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 
     from noisescore.client import NoiseScoringClient
     from noisescore.jobs import JobStore
+    from noisescore.ml.distributed import Dist
     from noisescore.settings import CleanSettings, StoreSettings
 
 EXIT_USAGE = 2
@@ -165,6 +167,25 @@ def _add_training_flags(p: argparse.ArgumentParser, *, epochs: str) -> None:
     p.add_argument("--augment", action="store_true", help="random horizontal flips")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument(
+        "--graph",
+        choices=["auto", "on", "off"],
+        help="replay each full training batch as one captured CUDA graph (auto: on for CUDA "
+        "when the method's per-step work is graph-safe; on: CUDA required; off: eager)",
+    )
+    p.add_argument(
+        "--data-placement",
+        choices=["auto", "device", "stream"],
+        help="training images on the device, or streamed from host memory a batch ahead "
+        "(auto: stream when the uint8 train split exceeds --device-memory-share of the "
+        "CUDA device's memory; same results either way)",
+    )
+    p.add_argument(
+        "--device-memory-share",
+        type=float,
+        help="share in (0, 1] of the CUDA device's memory the train images may take "
+        "before auto streams them (default 0.5)",
+    )
+    p.add_argument(
         "--dataset-roots",
         help="read the dataset only if it is a name in the data dir or lies under these "
         "comma-separated folders / s3://BUCKET/PREFIX roots, as the service's jobs do "
@@ -185,6 +206,12 @@ def _add_clean(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         argument_default=argparse.SUPPRESS,
     )
     _add_settings_flags(p)
+    p.add_argument(
+        "--nproc",
+        type=int,
+        help="train in N processes with DDP, started here by torchrun (default 1; "
+        "--batch-size stays the global batch; only --detectors linc, no --cl-folds)",
+    )
     _add_job_flags(p)
     p.add_argument(
         "--store-dir", help="local artifact store when no S3 endpoint is set (default ./artifacts)"
@@ -280,7 +307,9 @@ def _add_job_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_flow(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("flow", help="run or serve the clean-labels flow through a Prefect API")
+    p = sub.add_parser(
+        "flow", help="run, serve or execute (in a deployment's job) flows through a Prefect API"
+    )
     verbs = p.add_subparsers(dest="verb", required=True)
     run = verbs.add_parser(
         "run",
@@ -324,6 +353,19 @@ def _add_flow(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="which flow: clean-labels (default), active-clean (its runs suspend while an "
         "expert answers, and resume here) or lnl-benchmark (a benchmark grid, cells under "
         "benchmarks/<bench-id>/ of the store)",
+    )
+    execute = verbs.add_parser(
+        "execute",
+        help="execute one flow run of a deployment here, as `python -m prefect.engine` does; "
+        "under torchrun, a clean-labels run trains in all its processes",
+        description="Execute the flow run FLOW_RUN_ID (default $PREFECT__FLOW_RUN_ID, which a "
+        "Prefect worker sets in the job it starts) in this process, as Prefect's own engine "
+        "does. Launched by torchrun (the container command of a multi-GPU or multi-node "
+        "Kubernetes job), rank 0 executes the run and the other processes train its "
+        "clean-labels stages with it (DDP); other flows run on rank 0 alone.",
+    )
+    execute.add_argument(
+        "flow_run_id", nargs="?", default=None, help="default: $PREFECT__FLOW_RUN_ID"
     )
 
 
@@ -709,10 +751,23 @@ def _stop_children(grace: float = 5.0) -> None:
             return
 
 
-def _clean(args: argparse.Namespace) -> int:
+def _clean(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
+    """``noisescore clean``: the flow here; with ``--nproc N`` > 1 this command again in N
+    processes under torchrun (``argv``: this command's arguments); in a process torchrun
+    started, rank 0 runs the flow and the others serve its training stages."""
     if "store_dir" in args:
         os.environ["NOISESCORE_STORE_DIR"] = str(args.store_dir)
     settings = _settings(args)  # validate flags before Prefect starts
+    world = _torchrun_world()
+    if world > 1:
+        return _clean_distributed(args, settings, world)
+    if settings.nproc > 1:
+        return _launch_torchrun(args, settings, argv)
+    return _clean_flow(args, settings)
+
+
+def _clean_flow(args: argparse.Namespace, settings: CleanSettings) -> int:
+    """Run the clean-labels flow in this process and print its summary."""
     _prefect_env()
     from noisescore.flows.clean_labels import clean_labels
     from noisescore.jobs import JobStore
@@ -727,6 +782,175 @@ def _clean(args: argparse.Namespace) -> int:
         summary = clean_labels(settings=settings, job_id=args.job_id)
     print(_job_summary(JobStore(open_store(StoreSettings()), summary["job_id"])))
     return 0
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def _torchrun_world() -> int:
+    """``WORLD_SIZE`` of a process that torchrun started; 1 otherwise."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE must be an integer, got {value!r}") from None
+
+
+def _launch_torchrun(args: argparse.Namespace, settings: CleanSettings, argv: Sequence[str]) -> int:
+    """``noisescore clean --nproc N``: this same command in N processes on this node, started
+    by ``python -m torch.distributed.run`` (no restarts: a process that dies ends the job).
+    Its output passes through; on failure one line names the ranks that failed."""
+    import subprocess
+    import threading
+    from collections import deque
+
+    from noisescore.ml.clean import check_distributed
+    from noisescore.settings import StoreSettings
+    from noisescore.storage import open_store
+
+    check_distributed(settings, settings.nproc)  # refused before any process starts
+    if args.job_id is not None:
+        validate_job_id(args.job_id)
+    open_store(StoreSettings()).check()
+    # torchrun's own parser would take --nproc (an abbreviation of its --nproc-per-node):
+    # the children get the count from the environment instead.
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        "--nproc-per-node", str(settings.nproc), "--max-restarts", "0",
+        "-m", "noisescore.cli", *_without_nproc(argv),
+    ]  # fmt: skip
+    env = {**os.environ, "NOISESCORE_NPROC": str(settings.nproc)}
+    process = subprocess.Popen(
+        command, env=env, stderr=subprocess.PIPE, text=True, errors="replace"
+    )
+    tail: deque[str] = deque(maxlen=500)
+
+    def tee() -> None:  # the ranks' and torchrun's stderr, kept for the failure summary
+        assert process.stderr is not None
+        for line in process.stderr:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            tail.append(line)
+
+    reader = threading.Thread(target=tee, name="torchrun-stderr", daemon=True)
+    reader.start()
+    with _terminate_as_interrupt():
+        try:
+            code = process.wait()
+        except KeyboardInterrupt:
+            process.terminate()  # torchrun stops its workers (SIGTERM, then SIGKILL)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            raise
+        finally:
+            reader.join(timeout=10)
+    if code == 0:
+        return 0
+    message, code = _torchrun_failure("".join(tail), code)
+    if args.job_id is not None:
+        from noisescore.jobs import JobStore
+
+        done = JobStore(open_store(StoreSettings()), args.job_id).is_complete()
+        message += f"; job {args.job_id} " + ("is complete" if done else "has no manifest.json")
+    print(f"noisescore: error: {message}", file=sys.stderr)
+    return code
+
+
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """``argv`` without ``--nproc N`` / ``--nproc=N`` (or an abbreviation argparse took)."""
+    out: list[str] = []
+    skip = False
+    for token in argv:
+        if skip:
+            skip = False
+            continue
+        name = token.split("=", 1)[0]
+        if len(name) >= len("--np") and "--nproc".startswith(name):
+            skip = "=" not in token
+            continue
+        out.append(token)
+    return out
+
+
+_FAILURE = re.compile(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)")
+
+
+def _torchrun_failure(output: str, code: int) -> tuple[str, int]:
+    """One line naming the failed ranks from torchrun's failure table in ``output``, and the
+    exit code to return: the first failure's own when positive (2 for bad input, as in one
+    process), else 1."""
+    root_at = output.rfind("Root Cause")
+    failures = [(m.start() > root_at >= 0, int(m[1]), int(m[2])) for m in _FAILURE.finditer(output)]
+    if not failures:
+        return f"torchrun exited with code {code} (its output is above)", code or 1
+    failures.sort(key=lambda f: not f[0])  # the first observed failure first
+    parts = []
+    for _, rank, exitcode in dict.fromkeys(failures):
+        if exitcode < 0:
+            try:
+                how = f"was killed by {signal.Signals(-exitcode).name}"
+            except ValueError:
+                how = f"was killed by signal {-exitcode}"
+        else:
+            how = f"exited with code {exitcode}"
+        parts.append(f"rank {rank} {how}")
+    first = failures[0][2]
+    return f"{'; then '.join(parts)}; torchrun stopped the other processes", (
+        first if first > 0 else 1
+    )
+
+
+def _clean_distributed(args: argparse.Namespace, settings: CleanSettings, world: int) -> int:
+    """``noisescore clean`` in one of the ``world`` processes torchrun started: rank 0 runs the
+    flow (and alone prints), the others serve its training stages until it says stop."""
+    from noisescore.ml import clean as stages
+    from noisescore.ml import distributed
+
+    if "nproc" in settings.model_fields_set and settings.nproc != world:
+        raise ValueError(
+            f"--nproc {settings.nproc} but torchrun started {world} processes: under torchrun "
+            f"its --nnodes and --nproc-per-node decide; leave --nproc out"
+        )
+    settings = settings.model_copy(update={"nproc": world})
+    stages.check_distributed(settings, world)
+    dist = distributed.init_from_env(settings.device)
+    assert dist is not None
+    if not dist.is_main:
+        return _serve_rank(dist)
+    clean_exit = False
+    try:
+        code = _clean_flow(args, settings)
+        clean_exit = True
+        return code
+    finally:
+        stages.stop_peers()
+        if clean_exit or stages.stage_failed() is None:
+            _leave_group()
+
+
+def _serve_rank(dist: Dist) -> int:
+    """A rank > 0: run rank 0's training stages until it says stop; one line on failure."""
+    from noisescore.ml import clean as stages
+
+    try:
+        stages.serve_stages(dist)
+    except Exception as err:  # the launcher has the details; rank 0's message comes first
+        line = (str(err).splitlines() or [type(err).__name__])[0]
+        print(f"noisescore: error: rank {dist.rank}: {line}", file=sys.stderr)
+        return 1
+    _leave_group()
+    return 0
+
+
+def _leave_group() -> None:
+    """Destroy the default process group (only after a clean end: with a peer gone, NCCL
+    could wait on it forever)."""
+    import torch.distributed
+
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _active_clean(args: argparse.Namespace) -> int:
@@ -905,6 +1129,101 @@ def _flow_serve(args: argparse.Namespace) -> int:
     from noisescore.flows.clean_labels import clean_labels
 
     clean_labels.serve(name=args.name, limit=args.limit)
+    return 0
+
+
+CLEAN_FLOW = "clean-labels"
+#: The commands that may run in processes torchrun started (WORLD_SIZE > 1).
+_DISTRIBUTED_COMMANDS = {("clean", None), ("flow", "execute")}
+
+
+def _flow_execute(args: argparse.Namespace) -> int:
+    """``noisescore flow execute [FLOW_RUN_ID]``: Prefect's engine in this process; under
+    torchrun, rank 0 runs it and the other ranks serve the clean-labels training stages."""
+    import uuid
+
+    run_id = args.flow_run_id or os.environ.get("PREFECT__FLOW_RUN_ID")
+    if not run_id:
+        print(
+            "noisescore: error: no flow run id: give FLOW_RUN_ID or set PREFECT__FLOW_RUN_ID "
+            "(a Prefect worker sets it in the jobs it starts)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    try:
+        uuid.UUID(run_id)
+    except ValueError:
+        print(f"noisescore: error: flow run id {run_id!r} is not a UUID", file=sys.stderr)
+        return EXIT_USAGE
+    _prefect_env()
+    world = _torchrun_world()
+    if world == 1:
+        return _prefect_engine(run_id)
+    from noisescore.ml import clean as stages
+    from noisescore.ml import distributed
+    from noisescore.settings import CleanSettings
+
+    # The pod's NOISESCORE_DEVICE (default auto) picks NCCL or gloo before any rank can
+    # read the run's parameters; the run's own device setting must agree (checked later).
+    dist = distributed.init_from_env(CleanSettings().device)
+    assert dist is not None
+    if not dist.is_main:
+        return _serve_rank(dist)
+    clean_exit = False
+    try:
+        name = _flow_name(run_id)
+        if name != CLEAN_FLOW:
+            print(
+                f"noisescore: flow run {run_id} is of {name}, which trains in one process: the "
+                f"other {world - 1} processes stop",
+                file=sys.stderr,
+            )
+            stages.stop_peers()
+            _leave_group()  # one process from here: no trainer may wrap itself in DDP
+        code = _prefect_engine(run_id)
+        failed = stages.stage_failed()
+        if failed is not None:
+            # Prefect recorded the failure (the engine exits 0 then), but the other ranks
+            # are inside the stage's collectives: exiting non-zero makes torchrun stop them.
+            print(
+                f"noisescore: error: {failed} failed on rank 0 while the other ranks trained",
+                file=sys.stderr,
+            )
+            return code or 1
+        clean_exit = True
+        return code
+    finally:
+        stages.stop_peers()
+        if clean_exit or stages.stage_failed() is None:
+            _leave_group()
+
+
+def _flow_name(run_id: str) -> str:
+    """The name of the flow of the flow run ``run_id`` (from the Prefect API)."""
+    import uuid
+
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(uuid.UUID(run_id))
+        return str(client.read_flow(run.flow_id).name)
+
+
+def _prefect_engine(run_id: str) -> int:
+    """Run ``python -m prefect.engine RUN_ID`` in this process; its exit code."""
+    import runpy
+
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "noisescore", run_id]
+    try:
+        runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
+    except SystemExit as exit:
+        if exit.code is None or isinstance(exit.code, int):
+            return exit.code or 0
+        print(f"noisescore: error: {exit.code}", file=sys.stderr)
+        return 1
+    finally:
+        sys.argv = saved
     return 0
 
 
@@ -1214,11 +1533,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from noisescore.storage import StorageError
 
     commands = {
-        ("clean", None): _clean,
+        ("clean", None): lambda a: _clean(a, argv),
         ("active-clean", None): _active_clean,
         ("bench", None): _bench,
         ("flow", "run"): _flow_run,
         ("flow", "serve"): _flow_serve,
+        ("flow", "execute"): _flow_execute,
         ("verify", None): _verify,
         ("datasets", "upload"): _datasets_upload,
         ("serve", None): _serve,
@@ -1227,8 +1547,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("corrections", None): _corrections,
         ("score", None): _score,
     }
-    command = commands[(args.command, getattr(args, "verb", None))]
+    key = (args.command, getattr(args, "verb", None))
+    command = commands[key]
     try:
+        if key not in _DISTRIBUTED_COMMANDS and _torchrun_world() > 1:
+            raise ValueError(
+                f"`noisescore {' '.join(filter(None, key))}` runs in one process; under "
+                f"torchrun only `noisescore clean` and `noisescore flow execute` do"
+            )
         return command(args)
     except ValidationError as err:
         print(f"noisescore: error: {_format_validation(err)}", file=sys.stderr)

@@ -10,7 +10,14 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -87,6 +94,24 @@ class TrainingSettings(BaseSettings):
     lr_milestones: tuple[int, ...] | None = None
     augment: bool = Field(False, description="random horizontal flips")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    graph: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="capture each training step as a CUDA graph: auto = on for CUDA when "
+        "every hook is graph-safe, on = require CUDA, off = eager",
+    )
+    data_placement: Literal["auto", "device", "stream"] = Field(
+        "auto",
+        description="where the training images wait: device = all on the device, stream = "
+        "host memory, each batch copied ahead of its step; auto = device when the uint8 "
+        "train split fits device_memory_share of a CUDA device's memory (same results)",
+    )
+    device_memory_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="share of the CUDA device's total memory the train split's uint8 "
+        "images may take before data_placement auto streams them",
+    )
     dataset_roots: Annotated[tuple[str, ...] | None, NoDecode] = Field(
         None,
         description="restrict the dataset to a name in data_dir or a URI under these roots "
@@ -109,6 +134,16 @@ class TrainingSettings(BaseSettings):
     @classmethod
     def _valid_dataset_roots(cls, value: Any) -> Any:
         return _dataset_roots(value)
+
+    @field_validator("graph")
+    @classmethod
+    def _graph_needs_cuda(cls, value: str, info: ValidationInfo) -> str:
+        if value == "on" and info.data.get("device") == "cpu":
+            raise ValueError(
+                "graph 'on' captures CUDA graphs and cannot run with device 'cpu' "
+                "(use graph auto or off)"
+            )
+        return value
 
     @field_validator("dataset")
     @classmethod
@@ -157,6 +192,13 @@ class CleanSettings(TrainingSettings):
         le=1,
         description="relabel only when the flagging score's between-class variance ratio "
         "(Otsu) reaches this; 0 = always relabel",
+    )
+    nproc: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="training processes (DDP): `noisescore clean` starts them with torchrun; "
+        "a flow run has the processes its command started (the job records how many)",
     )
 
     @field_validator("detectors")

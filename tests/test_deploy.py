@@ -28,6 +28,8 @@ from noisescore.storage import open_store
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT_YAML = ROOT / "prefect.yaml"
 K8S_TEMPLATE = ROOT / "deploy" / "prefect" / "k8s-gpu-job-template.json"
+K8S_DDP_TEMPLATE = ROOT / "deploy" / "prefect" / "k8s-gpu-ddp-job-template.json"
+K8S_RDZV_SERVICE = ROOT / "deploy" / "prefect" / "k8s-rendezvous-service.yaml"
 BIN = Path(sys.executable).parent
 
 
@@ -122,6 +124,91 @@ def test_k8s_job_template_requests_gpus_and_references_secrets() -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
     # Credentials only through the Secret: no env defaults are baked into the template.
     assert container["env"] == "{{ env }}" and "default" not in variables["env"]
+
+
+def test_k8s_ddp_job_template_is_the_gpu_template_under_torchrun() -> None:
+    """The multi-GPU template differs from the one-GPU one only in the torchrun parts (an
+    Indexed Job of ``nodes`` pods, the rendezvous subdomain, the command, GPUs per pod)."""
+    base = json.loads(K8S_TEMPLATE.read_text())
+    ddp = json.loads(K8S_DDP_TEMPLATE.read_text())
+    variables = ddp["variables"]["properties"]
+    assert _placeholders(ddp["job_configuration"]) <= set(variables)
+    spec = ddp["job_configuration"]["job_manifest"]["spec"]
+    assert (spec.pop("completionMode"), spec.pop("completions"), spec.pop("parallelism")) == (
+        "Indexed", "{{ nodes }}", "{{ nodes }}",
+    )  # fmt: skip
+    pod = spec["template"]["spec"]
+    assert pod.pop("subdomain") == "{{ rendezvous_service }}"
+    (container,) = pod["containers"]
+    assert container.pop("args") == [
+        "torchrun", "--nnodes={{ nodes }}", "--nproc-per-node={{ gpus_per_job }}",
+        "--max-restarts=0", "--rdzv-backend=c10d",
+        "--rdzv-endpoint=$(JOB_NAME)-0.{{ rendezvous_service }}.{{ namespace }}.svc."
+        "{{ cluster_domain }}:29400",
+        "--rdzv-id=$(JOB_NAME)", "-m", "noisescore.cli", "flow", "execute",
+    ]  # fmt: skip
+    assert container["env"] == [
+        {
+            "name": "JOB_NAME",
+            "valueFrom": {
+                "fieldRef": {"fieldPath": "metadata.labels['batch.kubernetes.io/job-name']"}
+            },
+        }
+    ]
+    container["env"] = "{{ env }}"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpus_per_job }}"
+    container["resources"]["limits"]["nvidia.com/gpu"] = "{{ gpu_count }}"
+    base_pod = base["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    base_pod["containers"][0].pop("args")
+    assert ddp["job_configuration"] == base["job_configuration"]
+    for name in ("gpus_per_job", "nodes"):
+        assert (variables[name]["type"], variables[name]["minimum"]) == ("integer", 1)
+        assert variables[name]["default"] == 1
+    service = yaml.safe_load(K8S_RDZV_SERVICE.read_text())
+    assert variables["rendezvous_service"]["default"] == service["metadata"]["name"]
+    assert variables["cluster_domain"]["default"] == "cluster.local"
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"]
+    assert [p["port"] for p in service["spec"]["ports"]] == [29400]
+    assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    for name in ("gpus_per_job", "nodes", "rendezvous_service", "cluster_domain"):
+        del variables[name]
+    del base["variables"]["properties"]["gpu_count"]
+    assert ddp["variables"] == base["variables"]
+
+
+def test_prefect_kubernetes_builds_a_multi_node_job_from_the_ddp_template(
+    prefect_api: str,
+) -> None:
+    import asyncio
+    import uuid
+
+    from prefect.client.schemas.objects import FlowRun
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    template = json.loads(K8S_DDP_TEMPLATE.read_text())
+    flow_run = FlowRun(id=uuid.uuid4(), name="swift-wren", flow_id=uuid.uuid4())
+    overrides = {"gpus_per_job": 4, "nodes": 2, "env": {"NCCL_DEBUG": "INFO"}}
+
+    async def build() -> dict[str, Any]:
+        config = await KubernetesWorkerJobConfiguration.from_template_and_values(
+            template, overrides
+        )
+        config.prepare_for_flow_run(flow_run)
+        return config.job_manifest
+
+    job = asyncio.run(build())
+    assert (job["spec"]["completions"], job["spec"]["parallelism"]) == (2, 2)
+    pod = job["spec"]["template"]["spec"]
+    assert pod["subdomain"] == "noisescore-rdzv"
+    (container,) = pod["containers"]
+    assert container["args"][1:3] == ["--nnodes=2", "--nproc-per-node=4"]
+    host = "$(JOB_NAME)-0.noisescore-rdzv.noisescore.svc.cluster.local"
+    assert f"--rdzv-endpoint={host}:29400" in container["args"]
+    assert str(container["resources"]["limits"]["nvidia.com/gpu"]) == "4"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["PREFECT__FLOW_RUN_ID"]["value"] == str(flow_run.id)
+    assert env["NCCL_DEBUG"]["value"] == "INFO"  # the env variable is merged, not lost
+    assert "fieldRef" in env["JOB_NAME"]["valueFrom"]
 
 
 # --------------------------------------------------------------------------- real API

@@ -330,6 +330,165 @@ def test_prefect_kubernetes_builds_the_gpu_job(
     assert container["envFrom"] == [{"configMapRef": {"name": "ns-noisescore-storage"}}]
 
 
+# --------------------------------------------------------------------------- torchrun jobs
+
+RDZV_SERVICE = f"{RELEASE}-noisescore-rdzv"
+FLOW_EXECUTE = ["-m", "noisescore.cli", "flow", "execute"]
+
+
+def job_values(**job: Any) -> dict[str, Any]:
+    """Production values with these worker.job keys changed."""
+    values = production_values()
+    values["worker"]["job"].update(job)
+    return values
+
+
+def test_lint_strict_passes_for_torchrun_jobs() -> None:
+    report = helm.lint(
+        CHART, job_values(gpusPerJob=4, nodes=2), strict=True, namespace=NAMESPACE,
+        kube_version="v1.27.0",
+    )  # fmt: skip
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+def test_one_gpu_per_job_is_the_default_single_process_job(
+    default_objects: list[dict[str, Any]], production_objects: list[dict[str, Any]]
+) -> None:
+    job = yaml.safe_load((CHART / "values.yaml").read_text())["worker"]["job"]
+    assert (job["gpusPerJob"], job["nodes"]) == (1, 1)
+    for objects in (default_objects, production_objects):
+        template = job_template(objects)
+        spec = template["job_configuration"]["job_manifest"]["spec"]
+        assert "completionMode" not in spec and "completions" not in spec
+        pod = job_pod(template)
+        assert "subdomain" not in pod
+        (container,) = pod["containers"]
+        assert container["args"] == "{{ command }}"  # Prefect's flow-run command, as before
+        assert "JOB_NAME" not in {e["name"] for e in container["env"]}
+        assert find(objects, "Service", RDZV_SERVICE) == []
+    (container,) = job_pod(job_template(production_objects))["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
+
+
+@pytest.mark.parametrize("base", ["default", "production"])
+def test_gpus_per_job_runs_torchrun_standalone(base: str) -> None:
+    alone = {"worker": {"job": {"gpusPerJob": 4}}}
+    objects = render(job_values(gpusPerJob=4) if base == "production" else alone)
+    template = job_template(objects)
+    assert "completionMode" not in template["job_configuration"]["job_manifest"]["spec"]
+    pod = job_pod(template)
+    (container,) = pod["containers"]
+    assert container["args"] == [
+        "torchrun", "--nnodes=1", "--nproc-per-node=4", "--max-restarts=0", "--standalone",
+        *FLOW_EXECUTE,
+    ]  # fmt: skip
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 4  # one GPU per process
+    (shm,) = [v for v in pod["volumes"] if v["name"] == "dshm"]
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    # The shape is the chart's: a deployment's gpu_count cannot split GPUs from processes.
+    assert "gpu_count" not in template["variables"]["properties"]
+    assert _placeholders(template["job_configuration"]) <= set(template["variables"]["properties"])
+    assert find(objects, "Service", RDZV_SERVICE) == []
+    (policy,) = find(objects, "NetworkPolicy", "ns-noisescore-job")
+    assert "ingress" not in policy["spec"]  # one pod: the ranks talk over localhost
+
+
+def test_nodes_run_an_indexed_job_meeting_at_pod_0() -> None:
+    objects = render(job_values(nodes=2, gpusPerJob=2))
+    template = job_template(objects)
+    spec = template["job_configuration"]["job_manifest"]["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 2, 2)
+    assert spec["backoffLimit"] == 0  # one pod failing fails the job
+    pod = job_pod(template)
+    assert pod["subdomain"] == RDZV_SERVICE
+    (container,) = pod["containers"]
+    host = f"$(JOB_NAME)-0.{RDZV_SERVICE}.{NAMESPACE}.svc.cluster.local"
+    assert container["args"] == [
+        "torchrun", "--nnodes=2", "--nproc-per-node=2", "--max-restarts=0",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint={host}:29400", "--rdzv-id=$(JOB_NAME)",
+        *FLOW_EXECUTE,
+    ]  # fmt: skip
+    env = {e["name"]: e for e in container["env"]}
+    assert env["JOB_NAME"]["valueFrom"]["fieldRef"] == {
+        "fieldPath": "metadata.labels['batch.kubernetes.io/job-name']"
+    }
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
+    (service,) = find(objects, "Service", RDZV_SERVICE)
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    assert [p["port"] for p in service["spec"]["ports"]] == [29400]
+    pod_labels = template["job_configuration"]["job_manifest"]["spec"]["template"]["metadata"][
+        "labels"
+    ]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert "app.kubernetes.io/name" not in service["spec"]["selector"]  # Prefect rewrites it
+    # The pods of a job reach each other (rendezvous, NCCL); nothing else reaches them.
+    (policy,) = find(objects, "NetworkPolicy", "ns-noisescore-job")
+    (rule,) = policy["spec"]["ingress"]
+    assert rule == {"from": [{"podSelector": {"matchLabels": service["spec"]["selector"]}}]}
+    # CPU pods (gloo) when no GPUs are asked for; a custom cluster domain is honoured.
+    cpu = render({"worker": {"job": {"nodes": 3, "clusterDomain": "example.org"}}})
+    (container,) = job_pod(job_template(cpu))["containers"]
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]
+    assert "--nnodes=3" in container["args"] and "--nproc-per-node=1" in container["args"]
+    assert any(a.endswith(".svc.example.org:29400") for a in container["args"])
+
+
+@pytest.mark.parametrize(
+    ("job", "message"),
+    [
+        ({"gpusPerJob": 0}, "at '/worker/job/gpusPerJob': minimum: got 0, want 1"),
+        ({"gpusPerJob": 2.5}, "at '/worker/job/gpusPerJob': got number, want integer"),
+        ({"nodes": 0}, "at '/worker/job/nodes': minimum: got 0, want 1"),
+        ({"nodes": "2"}, "at '/worker/job/nodes': got string, want integer"),
+        ({"clusterDomain": "Cluster_Local"}, "at '/worker/job/clusterDomain'"),
+        (
+            {"gpus": 2, "gpusPerJob": 4},
+            "worker.job.gpus (2) disagrees with worker.job.gpusPerJob (4)",
+        ),
+        ({"gpus": 2, "nodes": 2}, "worker.job.gpus (2) disagrees with worker.job.gpusPerJob (1)"),
+    ],
+)
+def test_bad_job_counts_are_refused(job: dict[str, Any], message: str) -> None:
+    assert message in render_error({"worker": {"job": job}})
+
+
+def test_prefect_kubernetes_builds_the_multi_node_job(prefect_api: str) -> None:
+    """The Indexed Job as the worker submits it: Prefect keeps the Job-level fields and the
+    literal torchrun argv, and a deployment's gpu_count (prefect.yaml sets 1) changes
+    nothing."""
+    from prefect.client.schemas.objects import FlowRun
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    template = job_template(render(job_values(nodes=2, gpusPerJob=4)))
+    flow_run = FlowRun(id=uuid.uuid4(), name="quiet-lynx", flow_id=uuid.uuid4())
+
+    async def build() -> dict[str, Any]:
+        config = await KubernetesWorkerJobConfiguration.from_template_and_values(
+            template, {"gpu_count": 1}
+        )
+        config.prepare_for_flow_run(flow_run)
+        return config.job_manifest
+
+    job = asyncio.run(build())
+    assert (job["spec"]["completionMode"], job["spec"]["completions"]) == ("Indexed", 2)
+    pod = job["spec"]["template"]["spec"]
+    assert pod["subdomain"] == RDZV_SERVICE
+    (container,) = pod["containers"]
+    assert container["args"][:3] == ["torchrun", "--nnodes=2", "--nproc-per-node=4"]
+    assert container["args"][-4:] == FLOW_EXECUTE
+    assert str(container["resources"]["limits"]["nvidia.com/gpu"]) == "4"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["PREFECT__FLOW_RUN_ID"]["value"] == str(flow_run.id)  # every pod, every rank
+    assert "fieldRef" in env["JOB_NAME"]["valueFrom"]
+    # The rendezvous Service still selects the pods after Prefect relabels them.
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    assert labels["app.kubernetes.io/instance"] == RELEASE
+    assert labels["app.kubernetes.io/component"] == "cleaning-job"
+
+
 # --------------------------------------------------------------------------- secrets
 
 

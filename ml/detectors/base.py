@@ -79,19 +79,54 @@ class Detector(Hook):
 
     # -- the hook ------------------------------------------------------------------------
 
+    #: In a distributed run each process folds the steps of its own shard into its copy of
+    #: the state; at the end of each epoch :meth:`_merge_shards` gives every process the
+    #: whole state. Every detector keeps only per-sample state (rows indexed by sample).
+    distributed_safe = True
+
     def on_train_start(self, trainer: Trainer) -> None:
         if trainer.epoch == 0:
             self._rows = []
             self.extras_ = {}
             self.reset(trainer.n_samples, trainer.device)
+        self._visited: torch.Tensor | None = None
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        if trainer.world_size > 1 and epoch <= self.warmup_epochs:
+            self._visited = torch.zeros(trainer.n_samples, dtype=torch.bool, device=trainer.device)
 
     def on_step(self, trainer: Trainer, step: Step) -> None:
         if step.epoch <= self.warmup_epochs:
             self.update(trainer, step)
+            if self._visited is not None:
+                self._visited[step.idx] = True
+
+    def _merge_shards(self, trainer: Trainer) -> None:
+        """Every per-sample state tensor as the process that trained each sample this epoch
+        left it. Shards are disjoint, so each row comes from exactly one process (or none:
+        the samples an epoch trims), and the merge is exact: a sum of one row and zeros."""
+        assert trainer.dist is not None and self._visited is not None
+        n = trainer.n_samples
+        owners = self._visited.to(torch.int32)
+        trainer.dist.all_reduce_sum_(owners)
+        for name in sorted(vars(self)):
+            state = getattr(self, name)
+            if name == "_visited" or not isinstance(state, torch.Tensor) or state.ndim < 1:
+                continue
+            if state.shape[0] != n:
+                continue
+            mine = self._visited.view(-1, *([1] * (state.ndim - 1)))
+            merged = torch.where(mine, state, torch.zeros_like(state))
+            trainer.dist.all_reduce_sum_(merged)
+            owned = (owners > 0).view_as(mine)
+            state.copy_(torch.where(owned, merged, state))
+        self._visited = None
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, stats: dict[str, float]) -> None:
         if epoch > self.warmup_epochs:
             return
+        if self._visited is not None:
+            self._merge_shards(trainer)
         row = self.score(trainer, epoch).detach().float().cpu().numpy()
         self._rows.append(np.ascontiguousarray(row, dtype=np.float32))
         if epoch == self.warmup_epochs:

@@ -16,6 +16,8 @@ from noisescore.ml.train import Trainer
 @register_detector("linc")
 class LincTrust(Detector):
     summary = "LiNC's trust alpha (the training's own trust parameter)"
+    # No state of its own: at epoch end it reads alpha, which the LiNC hook (before it in
+    # the hooks) has already merged over the processes of a distributed run.
 
     def score(self, trainer: Trainer, epoch: int) -> torch.Tensor:
         for hook in trainer.hooks:

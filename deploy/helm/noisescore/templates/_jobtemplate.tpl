@@ -11,6 +11,11 @@ secretKeyRef by the worker (PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_KEY_SECRE
 {{- define "noisescore.jobTemplate" -}}
 {{- $job := .Values.worker.job }}
 {{- $gpus := int $job.gpus }}
+{{- $torchrun := include "noisescore.job.torchrun" . }}
+{{- $perPod := int $job.gpusPerJob }}
+{{- $nodes := int $job.nodes }}
+{{- $podGpus := include "noisescore.job.podGpus" . | int }}
+{{- $rendezvous := include "noisescore.job.rendezvousService" . }}
 job_configuration:
   command: '{{ "{{ command }}" }}'
   env: '{{ "{{ env }}" }}'
@@ -28,6 +33,13 @@ job_configuration:
       # A failed pod is not retried by Kubernetes: Prefect owns retries (a rerun with the
       # same job id resumes from the stored warm-up checkpoint).
       backoffLimit: 0
+      {{- if gt $nodes 1 }}
+      # One pod per node slot, pod i with hostname <job>-<i> under the rendezvous Service;
+      # any pod failing fails the Job (backoffLimit 0), and Kubernetes stops the others.
+      completionMode: Indexed
+      completions: {{ $nodes }}
+      parallelism: {{ $nodes }}
+      {{- end }}
       ttlSecondsAfterFinished: '{{ "{{ finished_job_ttl }}" }}'
       {{- with $job.activeDeadlineSeconds }}
       activeDeadlineSeconds: {{ . | int64 }}
@@ -46,6 +58,9 @@ job_configuration:
           parallelism: 1
           completions: 1
           restartPolicy: Never
+          {{- if gt $nodes 1 }}
+          subdomain: {{ $rendezvous }}
+          {{- end }}
           serviceAccountName: '{{ "{{ service_account_name }}" }}'
           automountServiceAccountToken: false
           {{- include "noisescore.imagePullSecrets" . | nindent 10 }}
@@ -60,7 +75,28 @@ job_configuration:
             - name: prefect-job
               image: '{{ "{{ image }}" }}'
               imagePullPolicy: '{{ "{{ image_pull_policy }}" }}'
+              {{- if $torchrun }}
+              # One process per GPU (noisescore flow execute: rank 0 runs the flow run,
+              # the other ranks serve its training stages); a rank that dies fails the pod.
+              args:
+                - torchrun
+                - --nnodes={{ $nodes }}
+                - --nproc-per-node={{ $perPod }}
+                - --max-restarts=0
+                {{- if eq $nodes 1 }}
+                - --standalone
+                {{- else }}
+                - --rdzv-backend=c10d
+                - --rdzv-endpoint=$(JOB_NAME)-0.{{ $rendezvous }}.{{ .Release.Namespace }}.svc.{{ $job.clusterDomain }}:29400
+                - --rdzv-id=$(JOB_NAME)
+                {{- end }}
+                - -m
+                - noisescore.cli
+                - flow
+                - execute
+              {{- else }}
               args: '{{ "{{ command }}" }}'
+              {{- end }}
               envFrom:
                 - configMapRef:
                     name: {{ include "noisescore.suffixed" (list . "storage") }}
@@ -82,6 +118,12 @@ job_configuration:
                 - name: NOISESCORE_DATA_DIR
                   value: /data
                 {{- end }}
+                {{- if gt $nodes 1 }}
+                - name: JOB_NAME
+                  valueFrom:
+                    fieldRef:
+                      fieldPath: metadata.labels['batch.kubernetes.io/job-name']
+                {{- end }}
               resources:
                 requests:
                   cpu: '{{ "{{ cpu_request }}" }}'
@@ -91,7 +133,11 @@ job_configuration:
                   {{- with (dig "limits" "cpu" "" $job.resources) }}
                   cpu: {{ . | quote }}
                   {{- end }}
-                  {{- if gt $gpus 0 }}
+                  {{- if $torchrun }}
+                  {{- if gt $podGpus 0 }}
+                  nvidia.com/gpu: {{ $podGpus }}
+                  {{- end }}
+                  {{- else if gt $gpus 0 }}
                   nvidia.com/gpu: '{{ "{{ gpu_count }}" }}'
                   {{- end }}
               {{- with .Values.securityContext }}
@@ -109,7 +155,8 @@ job_configuration:
                   readOnly: true
                 {{- end }}
           volumes:
-            # torch shares batches between processes through /dev/shm (64Mi by default).
+            # torch shares batches between processes through /dev/shm (64Mi by default);
+            # NCCL's intra-node transport of a multi-GPU job needs it too.
             - name: dshm
               emptyDir:
                 medium: Memory
@@ -169,7 +216,7 @@ variables:
       title: Service Account Name
       type: string
       default: {{ include "noisescore.suffixed" (list . "job") | quote }}
-    {{- if gt $gpus 0 }}
+    {{- if and (gt $gpus 0) (not $torchrun) }}
     gpu_count:
       title: GPUs
       description: nvidia.com/gpu limit of a cleaning job.
@@ -225,4 +272,52 @@ variables:
       title: Cluster Config
       description: The Kubernetes cluster config to use (in-cluster when unset).
       type: object
+{{- end }}
+
+{{/*
+A count value that must be an integer >= 1, printed as an int; call with (list value "worker.job.x").
+The schema says the same; this also holds under --skip-schema-validation.
+*/}}
+{{- define "noisescore.job.count" -}}
+{{- $value := index . 0 }}
+{{- $name := index . 1 }}
+{{- $number := or (kindIs "float64" $value) (kindIs "int64" $value) (kindIs "int" $value) }}
+{{- if not (and $number (eq (toString $value) (toString (int $value))) (ge (int $value) 1)) }}
+{{- fail (printf "%s must be an integer >= 1 (got %#v)" $name $value) }}
+{{- end }}
+{{- int $value }}
+{{- end }}
+
+{{/*
+"true" when cleaning jobs run under torchrun (worker.job.gpusPerJob > 1 or nodes > 1), else
+"". Validates gpusPerJob, nodes and their agreement with worker.job.gpus.
+*/}}
+{{- define "noisescore.job.torchrun" -}}
+{{- $job := .Values.worker.job }}
+{{- $perPod := include "noisescore.job.count" (list $job.gpusPerJob "worker.job.gpusPerJob") | int }}
+{{- $nodes := include "noisescore.job.count" (list $job.nodes "worker.job.nodes") | int }}
+{{- if or (gt $perPod 1) (gt $nodes 1) }}
+{{- $gpus := int $job.gpus }}
+{{- if and (gt $gpus 1) (ne $gpus $perPod) }}
+{{- fail (printf "worker.job.gpus (%d) disagrees with worker.job.gpusPerJob (%d): a torchrun job gives each pod gpusPerJob GPUs, one per process; leave gpus at 0 or 1, or set it to %d" $gpus $perPod $perPod) }}
+{{- end }}
+{{- print "true" }}
+{{- end }}
+{{- end }}
+
+{{/*
+nvidia.com/gpu of each pod of a torchrun job: one GPU per process (gpusPerJob); CPU
+processes (gloo) only when gpus is 0 and gpusPerJob 1 (nodes > 1 CPU pods, e.g. on a dev
+cluster).
+*/}}
+{{- define "noisescore.job.podGpus" -}}
+{{- $job := .Values.worker.job }}
+{{- ternary (int $job.gpusPerJob) 0 (or (gt (int $job.gpus) 0) (gt (int $job.gpusPerJob) 1)) }}
+{{- end }}
+
+{{/*
+The headless Service whose name is the pods' subdomain in multi-node jobs.
+*/}}
+{{- define "noisescore.job.rendezvousService" -}}
+{{- include "noisescore.suffixed" (list . "rdzv") }}
 {{- end }}
