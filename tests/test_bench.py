@@ -55,3 +55,48 @@ def test_bench_train_writes_outputs(tmp_path: Path) -> None:
     md = (out_dir / "train_loop.md").read_text()
     assert "| measurement | baseline | ours | ratio | target |" in md
     assert "bench/bench_train.py" in md
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_ddp_summarises_and_reports(tmp_path: Path) -> None:
+    """bench_ddp's comparison and outputs, from two seeds' runs (the jobs themselves are
+    the real ``noisescore clean --nproc 2`` of tests/test_ddp_clean.py)."""
+    bench = _load("bench_ddp")
+    args = bench.parse_args(["--seeds", "0,1", "--out-dir", str(tmp_path)])
+    assert args.seed_list == [0, 1] and args.nproc == 2
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--nproc", "1"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--seeds", "0,x"])
+
+    def run(nproc: int, seed: int, auroc: float) -> dict[str, object]:
+        return {
+            "nproc": nproc, "seed": seed, "processes_reported": nproc, "auroc": auroc,
+            "otsu_threshold": 0.9, "n_flagged": 10, "n_changed": 9,
+            "label_accuracy_after": 0.8, "test_accuracy": 0.7,
+            "trust_histogram": [1] * bench.BINS, "samples_per_second": 100.0 * nproc,
+            "wall_seconds": 10.0,
+        }  # fmt: skip
+
+    runs = [run(1, 0, 0.80), run(2, 0, 0.805), run(1, 1, 0.90), run(2, 1, 0.88)]
+    summary = bench.summarise(runs, 2)
+    assert summary["auroc_gap_per_seed"] == pytest.approx([0.005, -0.02])
+    assert summary["auroc_gap_max_abs"] == pytest.approx(0.02)
+    assert summary["auroc_target_met"] is False  # 0.02 > 0.01: a miss is reported as one
+    assert summary["throughput_ratio"] == pytest.approx(2.0)
+    env = {
+        "dataset": "breastmnist", "noise": "uniform:0.5", "epochs": 11, "warmup_epochs": 10,
+        "nproc": 2, "device": "cpu", "command": "python bench/bench_ddp.py",
+    }  # fmt: skip
+    result = {"environment": env, "summary": summary, "runs": runs}
+    md = bench.render_markdown(result)
+    assert "**not met**" in md and "+0.0050, -0.0200" in md
+    bench.render_plot(result, tmp_path / "ddp.png")
+    assert (tmp_path / "ddp.png").stat().st_size > 0
