@@ -52,9 +52,11 @@ def run_job(args: argparse.Namespace, nproc: int, seed: int, store: Path) -> dic
         "--dataset", args.dataset, "--data-dir", str(args.data_dir),
         "--noise", args.noise, "--seed", str(seed),
         "--epochs", str(args.epochs), "--warmup-epochs", str(args.warmup_epochs),
-        "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+        "--batch-size", str(args.batch_size),
         "--device", args.device, "--store-dir", str(store), "--job-id", job_id, "--quiet",
     ]  # fmt: skip
+    if args.lr is not None:
+        cmd += ["--lr", str(args.lr)]
     if nproc > 1:
         cmd += ["--nproc", str(nproc)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -202,7 +204,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--warmup-epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=None, help="default: clean's (1e-4)")
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
