@@ -5,7 +5,10 @@ The dataset lives on the device as uint8 and batches are sliced out of it by ind
 per-sample Python in the hot path, no DataLoader and no host-to-device copy per batch.
 A set too large for the device stays in host memory instead and each batch is copied
 ahead of its step, overlapped with compute (:mod:`noisescore.ml.streaming`).
-On CUDA the forward pass runs under bf16 autocast with channels-last memory layout.
+On CUDA the forward pass runs under bf16 autocast with channels-last memory layout, and
+each full batch's whole step replays one captured CUDA graph (:mod:`noisescore.ml.step_graph`).
+With a process group (:mod:`noisescore.ml.distributed`) every process trains its shard of
+each batch under DDP.
 """
 
 from __future__ import annotations
