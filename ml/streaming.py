@@ -27,9 +27,8 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from noisescore.ml.train import DeviceImages, TrainImages, channel_stats
+from noisescore.ml.train import DeviceImages, NormalisedImages, TrainImages, check_images
 
 Placement = Literal["device", "stream"]
 #: Accepted by :func:`choose_placement`, the ``data_placement`` setting and
@@ -175,7 +174,7 @@ class StreamStats:
         return max(0.0, 1.0 - self.stall_seconds / step_seconds)
 
 
-class HostImages:
+class HostImages(NormalisedImages):
     """Images kept as uint8 in host memory, copied to the device a batch at a time.
 
     The interface of :class:`~noisescore.ml.train.DeviceImages`: ``device``,
@@ -214,28 +213,22 @@ class HostImages:
         std: Sequence[float] | None = None,
         resize_to: int | None = None,
     ):
-        if images.ndim != 4 or images.dtype != np.uint8:
-            raise ValueError(
-                f"images must be uint8 of shape (N, C, H, W), got {images.dtype} {images.shape}"
-            )
+        check_images(images)
         if resize_to is not None and (
             isinstance(resize_to, bool) or not isinstance(resize_to, int) or resize_to < 1
         ):
             raise ValueError(f"resize_to must be a positive integer, got {resize_to!r}")
-        self.device = device
         self.resize_to = resize_to
         with warnings.catch_warnings():  # a read-only memory map: never written through
             warnings.filterwarnings("ignore", message=".*not writable.*")
             self.data = torch.from_numpy(np.ascontiguousarray(images))
-        if mean is None or std is None:
-            mean, std = channel_stats(
-                self.data, compute_device=device if device.type == "cuda" else None
-            )
-        self.mean_list, self.std_list = list(mean), list(std)
-        shape = (1, -1, 1, 1)
-        self.mean = torch.tensor(self.mean_list, device=device).view(shape)
-        self.std = torch.tensor(self.std_list, device=device).view(shape)
-        self.channels_last = device.type == "cuda"
+        self._set_normalisation(
+            self.data,
+            device,
+            mean,
+            std,
+            compute_device=device if device.type == "cuda" else None,
+        )
         self.stream_stats = StreamStats()
         self._copy_stream: torch.cuda.Stream | None = None
 
@@ -254,24 +247,16 @@ class HostImages:
         into the object it started with)."""
         self.stream_stats = StreamStats()
 
-    def _normalise(self, raw: torch.Tensor) -> torch.Tensor:
-        """uint8 rows on the device -> the model's input; DeviceImages.batch's operations."""
-        x = raw.float().div_(255)
-        if self.resize_to is not None and tuple(x.shape[2:]) != self.image_size:
-            shrink = self.resize_to < min(x.shape[2], x.shape[3])
-            x = F.interpolate(
-                x, size=self.image_size, mode="bilinear", align_corners=False, antialias=shrink
-            )
-        x = x.sub_(self.mean).div_(self.std)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+    def _prepare(self, raw: torch.Tensor) -> torch.Tensor:
+        """uint8 rows on the device -> the model's input: DeviceImages.batch's transform,
+        after the ``resize_to`` resize."""
+        return self._normalise(raw, self.image_size if self.resize_to is not None else None)
 
     def batch(self, idx: torch.Tensor | slice) -> torch.Tensor:
         """The normalised images ``idx`` (indices anywhere, or a slice), on the device; a
         plain synchronous copy (prediction). Training reads :meth:`iter_batches`."""
         rows = self.data[idx] if isinstance(idx, slice) else self.data[idx.cpu()]
-        return self._normalise(rows.to(self.device))
+        return self._prepare(rows.to(self.device))
 
     def iter_batches(
         self, batches: Sequence[torch.Tensor]
@@ -292,7 +277,7 @@ class HostImages:
         stats = self.stream_stats
         for idx, rows in zip(batches, host_idx, strict=True):
             start = time.perf_counter()
-            x = self._normalise(self.data[rows])
+            x = self._prepare(self.data[rows])
             elapsed = time.perf_counter() - start
             stats.host_seconds += elapsed
             stats.stall_seconds += elapsed
@@ -348,7 +333,7 @@ class HostImages:
                 compute.wait_event(ready)
                 after.record(compute)
                 waits.append((before, after))
-                x = self._normalise(buffers[slot][:n])
+                x = self._prepare(buffers[slot][:n])
                 event = torch.cuda.Event()
                 event.record(compute)
                 consumed[slot] = event

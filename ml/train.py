@@ -136,7 +136,58 @@ class TrainImages(Protocol):
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
-class DeviceImages:
+def check_images(images: np.ndarray) -> None:
+    """Training images are uint8 of shape (N, C, H, W); ValueError naming what they are."""
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(
+            f"images must be uint8 of shape (N, C, H, W), got {images.dtype} {images.shape}"
+        )
+
+
+class NormalisedImages:
+    """What every placement of the training images shares: the train-set statistics and
+    the one batch transform, so that both placements give the same batches bit for bit."""
+
+    device: torch.device
+    mean_list: list[float]
+    std_list: list[float]
+    mean: torch.Tensor
+    std: torch.Tensor
+    channels_last: bool
+
+    def _set_normalisation(
+        self,
+        data: torch.Tensor,
+        device: torch.device,
+        mean: Sequence[float] | None,
+        std: Sequence[float] | None,
+        *,
+        compute_device: torch.device | None = None,
+    ) -> None:
+        """``mean``/``std`` as given, else ``data``'s exact per-channel statistics."""
+        if mean is None or std is None:
+            mean, std = channel_stats(data, compute_device=compute_device)
+        self.device = device
+        self.mean_list, self.std_list = list(mean), list(std)
+        shape = (1, -1, 1, 1)
+        self.mean = torch.tensor(self.mean_list, device=device).view(shape)
+        self.std = torch.tensor(self.std_list, device=device).view(shape)
+        self.channels_last = device.type == "cuda"
+
+    def _normalise(self, raw: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """uint8 rows on the device -> the model's input; resized to ``size`` first (bilinear,
+        antialiased when shrinking) when given and different."""
+        x = raw.float().div_(255)
+        if size is not None and tuple(x.shape[2:]) != size:
+            shrink = size[0] < min(x.shape[2], x.shape[3])
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+        x = x.sub_(self.mean).div_(self.std)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+class DeviceImages(NormalisedImages):
     """Images held on the device as uint8, normalised per batch with train-set statistics."""
 
     def __init__(
@@ -147,28 +198,16 @@ class DeviceImages:
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ):
-        if images.ndim != 4 or images.dtype != np.uint8:
-            raise ValueError(
-                f"images must be uint8 of shape (N, C, H, W), got {images.dtype} {images.shape}"
-            )
-        self.device = device
+        check_images(images)
         self.data = torch.from_numpy(np.ascontiguousarray(images)).to(device)
-        if mean is None or std is None:
-            mean, std = channel_stats(self.data)  # exact, without a float copy of the set
-        self.mean_list, self.std_list = list(mean), list(std)
-        shape = (1, -1, 1, 1)
-        self.mean = torch.tensor(self.mean_list, device=device).view(shape)
-        self.std = torch.tensor(self.std_list, device=device).view(shape)
-        self.channels_last = device.type == "cuda"
+        # Exact integer sums, without a float copy of the set.
+        self._set_normalisation(self.data, device, mean, std)
 
     def __len__(self) -> int:
         return int(self.data.shape[0])
 
     def batch(self, idx: torch.Tensor | slice) -> torch.Tensor:
-        x = self.data[idx].float().div_(255).sub_(self.mean).div_(self.std)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return self._normalise(self.data[idx])
 
     def iter_batches(
         self, batches: Sequence[torch.Tensor]
