@@ -925,9 +925,18 @@ def _clean_distributed(args: argparse.Namespace, settings: CleanSettings, world:
         clean_exit = True
         return code
     finally:
-        stages.stop_peers()
-        if clean_exit or stages.stage_failed() is None:
-            _leave_group()
+        _end_rank_zero(clean_exit=clean_exit)
+
+
+def _end_rank_zero(*, clean_exit: bool) -> None:
+    """Rank 0 at the end of a distributed command: tell the other ranks to stop, and leave
+    the group after a clean end or when no stage failed midway (the others would still be
+    inside its collectives: torchrun stops them when this process exits non-zero)."""
+    from noisescore.ml import clean as stages
+
+    stages.stop_peers()
+    if clean_exit or stages.stage_failed() is None:
+        _leave_group()
 
 
 def _serve_rank(dist: Dist) -> int:
@@ -1193,9 +1202,7 @@ def _flow_execute(args: argparse.Namespace) -> int:
         clean_exit = True
         return code
     finally:
-        stages.stop_peers()
-        if clean_exit or stages.stage_failed() is None:
-            _leave_group()
+        _end_rank_zero(clean_exit=clean_exit)
 
 
 def _flow_name(run_id: str) -> str:
