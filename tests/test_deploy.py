@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -176,18 +177,18 @@ def test_k8s_ddp_job_template_is_the_gpu_template_under_torchrun() -> None:
     assert ddp["variables"] == base["variables"]
 
 
-def test_prefect_kubernetes_builds_a_multi_node_job_from_the_ddp_template(
-    prefect_api: str,
-) -> None:
+def _worker_job_manifest(
+    template_path: Path, overrides: dict[str, Any], *, run_name: str
+) -> tuple[dict[str, Any], uuid.UUID]:
+    """The Job manifest prefect-kubernetes' worker builds from a base job template and a
+    deployment's job variables for a new flow run named ``run_name``, and the run's id."""
     import asyncio
-    import uuid
 
     from prefect.client.schemas.objects import FlowRun
     from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
-    template = json.loads(K8S_DDP_TEMPLATE.read_text())
-    flow_run = FlowRun(id=uuid.uuid4(), name="swift-wren", flow_id=uuid.uuid4())
-    overrides = {"gpus_per_job": 4, "nodes": 2, "env": {"NCCL_DEBUG": "INFO"}}
+    template = json.loads(template_path.read_text())
+    flow_run = FlowRun(id=uuid.uuid4(), name=run_name, flow_id=uuid.uuid4())
 
     async def build() -> dict[str, Any]:
         config = await KubernetesWorkerJobConfiguration.from_template_and_values(
@@ -196,7 +197,14 @@ def test_prefect_kubernetes_builds_a_multi_node_job_from_the_ddp_template(
         config.prepare_for_flow_run(flow_run)
         return config.job_manifest
 
-    job = asyncio.run(build())
+    return asyncio.run(build()), flow_run.id
+
+
+def test_prefect_kubernetes_builds_a_multi_node_job_from_the_ddp_template(
+    prefect_api: str,
+) -> None:
+    overrides = {"gpus_per_job": 4, "nodes": 2, "env": {"NCCL_DEBUG": "INFO"}}
+    job, run_id = _worker_job_manifest(K8S_DDP_TEMPLATE, overrides, run_name="swift-wren")
     assert (job["spec"]["completions"], job["spec"]["parallelism"]) == (2, 2)
     pod = job["spec"]["template"]["spec"]
     assert pod["subdomain"] == "noisescore-rdzv"
@@ -206,7 +214,7 @@ def test_prefect_kubernetes_builds_a_multi_node_job_from_the_ddp_template(
     assert f"--rdzv-endpoint={host}:29400" in container["args"]
     assert str(container["resources"]["limits"]["nvidia.com/gpu"]) == "4"
     env = {e["name"]: e for e in container["env"]}
-    assert env["PREFECT__FLOW_RUN_ID"]["value"] == str(flow_run.id)
+    assert env["PREFECT__FLOW_RUN_ID"]["value"] == str(run_id)
     assert env["NCCL_DEBUG"]["value"] == "INFO"  # the env variable is merged, not lost
     assert "fieldRef" in env["JOB_NAME"]["valueFrom"]
 
@@ -528,24 +536,8 @@ def test_service_in_prefect_mode_submits_deployment_runs(
 
 def test_prefect_kubernetes_builds_a_gpu_job_from_the_template(prefect_api: str) -> None:
     """The Job manifest the Kubernetes worker would submit for a run of the GPU pool."""
-    import asyncio
-    import uuid
-
-    from prefect.client.schemas.objects import FlowRun
-    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
-
-    template = json.loads(K8S_TEMPLATE.read_text())
-    flow_run = FlowRun(id=uuid.uuid4(), name="calm-heron", flow_id=uuid.uuid4())
     overrides = {"gpu_count": 2, "env": {"NOISESCORE_PUSHGATEWAY": "pgw:9091"}}
-
-    async def build() -> dict[str, Any]:
-        config = await KubernetesWorkerJobConfiguration.from_template_and_values(
-            template, overrides
-        )
-        config.prepare_for_flow_run(flow_run)
-        return config.job_manifest
-
-    job = asyncio.run(build())
+    job, run_id = _worker_job_manifest(K8S_TEMPLATE, overrides, run_name="calm-heron")
     pod = job["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert str(container["resources"]["limits"]["nvidia.com/gpu"]) == "2"
@@ -553,6 +545,6 @@ def test_prefect_kubernetes_builds_a_gpu_job_from_the_template(prefect_api: str)
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert container["envFrom"] == [{"secretRef": {"name": "noisescore-storage"}}]
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["PREFECT__FLOW_RUN_ID"] == str(flow_run.id)
+    assert env["PREFECT__FLOW_RUN_ID"] == str(run_id)
     assert env["NOISESCORE_PUSHGATEWAY"] == "pgw:9091"
     assert container["image"] == "ghcr.io/noisescore/noisescore-worker:0.1.0"
